@@ -1,0 +1,366 @@
+"""Aggregation rules: how the server turns K client updates into one update.
+
+Every rule exists in two forms that give the same numbers:
+
+* a function on all updates at once (``mean``, ``gma``), taking a 2-D tensor ``[K, d]`` or a
+  sequence of K 1-D tensors, which it never stacks;
+* a streaming aggregator (``MeanAggregator``, ``GMAAggregator``) that folds one client's update in
+  at a time with ``add(update, weight)`` and keeps O(d) state whatever K is, then ``result()``.
+
+The functions are thin wrappers over the aggregators, so the maths lives in one place. All state is
+sum-decomposable (sums of ``w·Δ`` and of signs), which keeps secure aggregation possible later.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Aggregator",
+    "GMAAggregator",
+    "Layer",
+    "MeanAggregator",
+    "available_aggregators",
+    "gma",
+    "gma_mask",
+    "make_aggregator",
+    "mean",
+    "register_aggregator",
+    "sign_agreement",
+]
+
+AGREEMENT_BINS = 10
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A named slice ``[start, start + numel)`` of the flat parameter vector, for per-layer stats."""
+
+    name: str
+    start: int
+    numel: int
+
+
+class Aggregator(Protocol):
+    """Streaming aggregation rule: ``add`` one client's update at a time, then ``result``."""
+
+    def add(self, update: Tensor, weight: float = 1.0) -> None: ...
+
+    def result(self) -> tuple[Tensor, dict[str, Any]]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by every rule
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight: float, index: int) -> float:
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"client {index}: weight {weight!r} is not a number") from None
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"client {index}: weight must be a finite non-negative number, got {weight!r}")
+    return w
+
+
+def _check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not (0.0 <= t <= 1.0):  # also rejects NaN
+        raise ValueError(f"GMA threshold must lie in [0, 1], got {threshold!r}")
+    return t
+
+
+class _Accumulator:
+    """Shared bookkeeping of the streaming rules: shape/dtype checks, weights, client count."""
+
+    def __init__(self, check_finite: bool = True) -> None:
+        self.check_finite = check_finite
+        self.count = 0
+        self.total_weight = 0.0
+        self._shape: torch.Size | None = None
+        self._dtype: torch.dtype | None = None
+
+    def _admit(self, update: Tensor, weight: float) -> float:
+        index = self.count
+        if not isinstance(update, Tensor):
+            raise ValueError(f"client {index}: update must be a torch.Tensor, got {type(update).__name__}")
+        if update.dim() != 1:
+            raise ValueError(
+                f"client {index}: update must be a 1-D tensor (flat parameter vector), "
+                f"got shape {tuple(update.shape)}"
+            )
+        if not update.is_floating_point():
+            raise ValueError(f"client {index}: update must be a floating-point tensor, got {update.dtype}")
+        if self._shape is None:
+            self._shape, self._dtype = update.shape, update.dtype
+        elif update.shape != self._shape:
+            raise ValueError(
+                f"client {index}: update has shape {tuple(update.shape)}, "
+                f"expected {tuple(self._shape)} like client 0"
+            )
+        elif update.dtype != self._dtype:
+            raise ValueError(f"client {index}: update has dtype {update.dtype}, expected {self._dtype}")
+        if self.check_finite and not bool(torch.isfinite(update).all()):
+            raise ValueError(f"client {index}: update contains NaN or infinite values")
+        w = _check_weight(weight, index)
+        self.count += 1
+        self.total_weight += w
+        return w
+
+    def _check_ready(self) -> None:
+        if self.count == 0:
+            raise ValueError("cannot aggregate: no client update was added (empty list)")
+        if self.total_weight <= 0:
+            raise ValueError("cannot aggregate: the client weights sum to zero")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain weighted averaging (FedAvg)
+# --------------------------------------------------------------------------------------------
+
+
+class MeanAggregator(_Accumulator):
+    """Weighted average Σ_k p_k Δ_k with p_k = n_k / Σ n_k (McMahan et al. 2017, FedAvg)."""
+
+    name = "mean"
+
+    def __init__(self, check_finite: bool = True) -> None:
+        super().__init__(check_finite)
+        self._weighted_sum: Tensor | None = None
+
+    def add(self, update: Tensor, weight: float = 1.0) -> None:
+        w = self._admit(update, weight)
+        if self._weighted_sum is None:
+            self._weighted_sum = torch.zeros_like(update)
+        self._weighted_sum.add_(update, alpha=w)
+
+    def average(self) -> Tensor:
+        self._check_ready()
+        assert self._weighted_sum is not None
+        return self._weighted_sum / self.total_weight
+
+    def result(self) -> tuple[Tensor, dict[str, Any]]:
+        return self.average(), {"num_clients": self.count}
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient Masked Averaging
+# --------------------------------------------------------------------------------------------
+
+
+def gma_mask(agreement: Tensor, threshold: float, hard: bool = False) -> Tensor:
+    """GMA's mask from sign agreement A: 1 where A ≥ τ, else A (soft) or 0 (hard, the AND-mask).
+
+    The soft mask is the one of Tenison et al. 2023 ("Gradient Masked Averaging for Federated
+    Learning", TMLR); ``hard=True`` is the AND-mask of Parascandolo et al. 2021 that it relaxes.
+    """
+    threshold = _check_threshold(threshold)
+    below = agreement < threshold
+    if hard:
+        return torch.where(below, torch.zeros_like(agreement), torch.ones_like(agreement))
+    return torch.where(below, agreement, torch.ones_like(agreement))
+
+
+def sign_agreement(sign_sum: Tensor, normaliser: float) -> Tensor:
+    """Per-coordinate sign agreement A = |Σ_k s_k sign(Δ_k)| / Σ_k s_k, in [0, 1]."""
+    return sign_sum.abs().div_(normaliser).clamp_(max=1.0)
+
+
+class GMAAggregator(_Accumulator):
+    """Gradient Masked Averaging (Tenison et al., TMLR 2023, arXiv 2201.11986).
+
+    Keeps two d-sized running sums, Σ n_k Δ_k and Σ sign(Δ_k) (or Σ n_k sign(Δ_k) with
+    ``weighted_agreement``, as declearn does). The result is m ⊙ Σ p_k Δ_k where the agreement
+    A = |(1/K) Σ_k sign(Δ_k)| sets the mask m = 1 where A ≥ τ, else A (soft) or 0 (``hard``).
+    With τ = 0 the mask is all ones and the result is exactly the weighted mean.
+    """
+
+    name = "gma"
+
+    def __init__(
+        self,
+        threshold: float = 0.4,
+        hard: bool = False,
+        weighted_agreement: bool = False,
+        layers: Sequence[Layer] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(check_finite)
+        self.threshold = _check_threshold(threshold)
+        self.hard = bool(hard)
+        self.weighted_agreement = bool(weighted_agreement)
+        self.layers = list(layers) if layers is not None else None
+        self._weighted_sum: Tensor | None = None
+        self._sign_sum: Tensor | None = None
+        self._sign_buffer: Tensor | None = None
+
+    def add(self, update: Tensor, weight: float = 1.0) -> None:
+        w = self._admit(update, weight)
+        if self._weighted_sum is None:
+            self._weighted_sum = torch.zeros_like(update)
+            self._sign_sum = torch.zeros_like(update)
+            self._sign_buffer = torch.empty_like(update)
+        assert self._sign_sum is not None and self._sign_buffer is not None
+        self._weighted_sum.add_(update, alpha=w)
+        torch.sign(update, out=self._sign_buffer)
+        self._sign_sum.add_(self._sign_buffer, alpha=w if self.weighted_agreement else 1.0)
+
+    def agreement(self) -> Tensor:
+        """Per-coordinate sign agreement A in [0, 1] of the updates added so far."""
+        self._check_ready()
+        assert self._sign_sum is not None
+        normaliser = self.total_weight if self.weighted_agreement else float(self.count)
+        return sign_agreement(self._sign_sum.clone(), normaliser)
+
+    def result(self) -> tuple[Tensor, dict[str, Any]]:
+        self._check_ready()
+        assert self._weighted_sum is not None
+        average = self._weighted_sum / self.total_weight
+        agreement = self.agreement()
+        mask = gma_mask(agreement, self.threshold, self.hard)
+        self._sign_buffer = None  # no longer needed; free it before the caller allocates more
+        stats = self._statistics(agreement, mask)
+        stats["mask"] = mask
+        return average.mul_(mask), stats
+
+    def _statistics(self, agreement: Tensor, mask: Tensor) -> dict[str, Any]:
+        passed = agreement >= self.threshold
+        stats: dict[str, Any] = {
+            "num_clients": self.count,
+            "mask_density": float(mask.float().mean()),
+            "mask_pass_fraction": float(passed.float().mean()),
+            "agreement_mean": float(agreement.float().mean()),
+            "agreement_histogram": _histogram(agreement),
+        }
+        for layer in self.layers or ():
+            segment = slice(layer.start, layer.start + layer.numel)
+            stats[f"mask_density/{layer.name}"] = float(mask[segment].float().mean())
+            stats[f"agreement_histogram/{layer.name}"] = _histogram(agreement[segment])
+        return stats
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "threshold": self.threshold,
+            "hard": self.hard,
+            "weighted_agreement": self.weighted_agreement,
+        }
+
+
+def _histogram(values: Tensor) -> list[int]:
+    """Counts of values in [0, 1] over AGREEMENT_BINS equal bins (1.0 falls in the last bin)."""
+    bins = (values.float() * AGREEMENT_BINS).long().clamp_(0, AGREEMENT_BINS - 1)
+    return torch.bincount(bins, minlength=AGREEMENT_BINS).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# One-shot functions over all updates
+# --------------------------------------------------------------------------------------------
+
+Updates = Tensor | Sequence[Tensor]
+
+
+def _rows(updates: Updates) -> Iterable[Tensor]:
+    if isinstance(updates, Tensor):
+        if updates.dim() != 2:
+            raise ValueError(f"updates must be a 2-D tensor [K, d] or a list of 1-D tensors, "
+                             f"got a tensor of shape {tuple(updates.shape)}")
+        return updates.unbind(0)
+    if isinstance(updates, (str, bytes)) or not isinstance(updates, Sequence):
+        raise ValueError(f"updates must be a 2-D tensor or a sequence of 1-D tensors, got {type(updates).__name__}")
+    return updates
+
+
+def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights: Sequence[float] | None) -> None:
+    rows = _rows(updates)
+    count = len(rows) if isinstance(rows, Sequence) else None
+    if weights is not None:
+        weights = list(weights)
+        if count is not None and len(weights) != count:
+            raise ValueError(f"got {count} updates but {len(weights)} weights")
+    for k, row in enumerate(rows):
+        aggregator.add(row, 1.0 if weights is None else weights[k])
+
+
+def mean(updates: Updates, weights: Sequence[float] | None = None) -> Tensor:
+    """Weighted average Σ p_k Δ_k, p_k ∝ ``weights`` (uniform when None)."""
+    aggregator = MeanAggregator()
+    _fold(aggregator, updates, weights)
+    return aggregator.average()
+
+
+def gma(
+    updates: Updates,
+    weights: Sequence[float] | None = None,
+    threshold: float = 0.4,
+    hard: bool = False,
+    weighted_agreement: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Gradient Masked Averaging: ``(m ⊙ Σ p_k Δ_k, m)``.
+
+    A = |(1/K) Σ_k sign(Δ_k)| (or |Σ p_k sign(Δ_k)| with ``weighted_agreement``); m = 1 where
+    A ≥ τ, else A (soft) or 0 (``hard``). τ = 0 gives plain weighted averaging exactly.
+    Tenison et al., "Gradient Masked Averaging for Federated Learning", TMLR 2023.
+    """
+    aggregator = GMAAggregator(threshold, hard=hard, weighted_agreement=weighted_agreement)
+    _fold(aggregator, updates, weights)
+    aggregate, stats = aggregator.result()
+    return aggregate, stats["mask"]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_aggregator(name: str, factory: Any) -> None:
+    """Make an aggregation rule available by name (``server.aggregator`` in a config)."""
+    _REGISTRY[name] = factory
+
+
+def available_aggregators() -> list[str]:
+    """Names of every registered aggregation rule."""
+    return sorted(_REGISTRY)
+
+
+def make_aggregator(name: str, layers: Sequence[Layer] | None = None, **options: Any) -> Aggregator:
+    """Build a fresh streaming aggregator by name with rule-specific options.
+
+    Options a rule does not take are ignored, so one config section can serve every rule.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(available_aggregators())}")
+    factory = _REGISTRY[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(layers=layers, **{k: v for k, v in options.items() if k in accepted})
+
+
+def _make_mean(layers: Sequence[Layer] | None = None, check_finite: bool = True) -> MeanAggregator:
+    return MeanAggregator(check_finite=check_finite)
+
+
+def _make_gma(
+    layers: Sequence[Layer] | None = None,
+    threshold: float = 0.4,
+    hard: bool = False,
+    weighted_agreement: bool = False,
+    check_finite: bool = True,
+) -> GMAAggregator:
+    return GMAAggregator(threshold, hard, weighted_agreement, layers=layers, check_finite=check_finite)
+
+
+register_aggregator("mean", _make_mean)
+register_aggregator("gma", _make_gma)

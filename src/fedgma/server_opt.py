@@ -1,0 +1,178 @@
+"""Server optimizers: apply the aggregated update to the global model.
+
+The server sees the aggregated client update u (for GMA, m ⊙ Δ) as a pseudo-gradient
+g = −u ("old minus new", the convention of FedJAX, FLSim and pfl), so ``ServerSGD(lr=1)`` is
+exactly FedAvg: θ ← θ − 1·g = θ + u. Adaptive optimizers follow Reddi et al. 2021, "Adaptive
+Federated Optimization" (ICLR), Algorithm 2: no bias correction, v initialised to τ², and the
+adaptivity constant τ (here ``eps``) added to √v.
+
+Each optimizer is a small object with ``step(params, pseudo_grad) -> new params`` and
+``state_dict()`` / ``load_state_dict()`` in the style of torch.optim, so a run can be resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ServerAdagrad",
+    "ServerAdam",
+    "ServerOptimizer",
+    "ServerSGD",
+    "ServerYogi",
+    "available_server_optimizers",
+    "make_server_optimizer",
+]
+
+
+class ServerOptimizer(Protocol):
+    def step(self, params: Tensor, pseudo_grad: Tensor) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise ValueError(f"server optimizer: {name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def _unit(name: str, value: float) -> float:
+    v = float(value)
+    if not (0.0 <= v < 1.0):
+        raise ValueError(f"server optimizer: {name} must lie in [0, 1), got {value!r}")
+    return v
+
+
+def _check_shapes(params: Tensor, pseudo_grad: Tensor) -> None:
+    if params.shape != pseudo_grad.shape:
+        raise ValueError(
+            f"server optimizer: pseudo-gradient shape {tuple(pseudo_grad.shape)} "
+            f"does not match parameter shape {tuple(params.shape)}"
+        )
+
+
+class ServerSGD:
+    """θ ← θ − η_g · v with heavy-ball momentum v ← β v + g (β = 0: FedAvg; β > 0: FedAvgM).
+
+    FedAvgM: Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution".
+    """
+
+    name = "sgd"
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0) -> None:
+        self.lr = _positive("lr", lr)
+        self.momentum = _unit("momentum", momentum)
+        self.velocity: Tensor | None = None
+
+    def step(self, params: Tensor, pseudo_grad: Tensor) -> Tensor:
+        _check_shapes(params, pseudo_grad)
+        direction = pseudo_grad
+        if self.momentum > 0:
+            if self.velocity is None:
+                self.velocity = pseudo_grad.clone()
+            else:
+                self.velocity.mul_(self.momentum).add_(pseudo_grad)
+            direction = self.velocity
+        return params - self.lr * direction
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"velocity": None if self.velocity is None else self.velocity.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        velocity = state.get("velocity")
+        self.velocity = None if velocity is None else velocity.clone()
+
+
+class _Adaptive:
+    """Shared moments of FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, Algorithm 2)."""
+
+    name = "adaptive"
+
+    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3) -> None:
+        self.lr = _positive("lr", lr)
+        self.beta1 = _unit("beta1", beta1)
+        self.beta2 = _unit("beta2", beta2)
+        self.eps = _positive("eps", eps)
+        self.m: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, params: Tensor, pseudo_grad: Tensor) -> Tensor:
+        _check_shapes(params, pseudo_grad)
+        if self.m is None or self.v is None:
+            self.m = torch.zeros_like(pseudo_grad)
+            self.v = torch.full_like(pseudo_grad, self.eps**2)
+        self.m.mul_(self.beta1).add_(pseudo_grad, alpha=1 - self.beta1)
+        self._second_moment(self.v, pseudo_grad * pseudo_grad)
+        return params - self.lr * self.m / (self.v.sqrt() + self.eps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "m": None if self.m is None else self.m.clone(),
+            "v": None if self.v is None else self.v.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.m = None if state.get("m") is None else state["m"].clone()
+        self.v = None if state.get("v") is None else state["v"].clone()
+
+
+class ServerAdam(_Adaptive):
+    """FedAdam: v ← β₂ v + (1 − β₂) g²."""
+
+    name = "adam"
+
+    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
+        v.mul_(self.beta2).add_(g2, alpha=1 - self.beta2)
+
+
+class ServerYogi(_Adaptive):
+    """FedYogi: v ← v − (1 − β₂) g² sign(v − g²) (Zaheer et al. 2018's Yogi, server-side)."""
+
+    name = "yogi"
+
+    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
+        v.sub_((1 - self.beta2) * g2 * torch.sign(v - g2))
+
+
+class ServerAdagrad(_Adaptive):
+    """FedAdagrad: v ← v + g² (β₂ unused)."""
+
+    name = "adagrad"
+
+    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
+        v.add_(g2)
+
+
+_SERVER_OPTIMIZERS: dict[str, type] = {
+    "sgd": ServerSGD,
+    "adam": ServerAdam,
+    "yogi": ServerYogi,
+    "adagrad": ServerAdagrad,
+}
+
+
+def available_server_optimizers() -> list[str]:
+    return sorted(_SERVER_OPTIMIZERS)
+
+
+def make_server_optimizer(
+    name: str, lr: float, momentum: float = 0.0, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3
+) -> ServerOptimizer:
+    """Build a server optimizer by name; options an optimizer does not use are ignored."""
+    if name == "sgd":
+        return ServerSGD(lr=lr, momentum=momentum)
+    if name in _SERVER_OPTIMIZERS:
+        return _SERVER_OPTIMIZERS[name](lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    raise ValueError(f"unknown server optimizer {name!r}; available: {', '.join(available_server_optimizers())}")
