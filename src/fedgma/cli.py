@@ -1,0 +1,143 @@
+"""The ``fedgma`` command line: run, sweep (and the rest as they land).
+
+A user error (bad config, missing data, bad input) prints one line and exits with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["main"]
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our validation errors into one clear line and exit code 2 (``--debug``: traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from fedgma.config import ConfigError
+        from fedgma.data.datasets import DatasetError
+
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, DatasetError, ValueError, FileNotFoundError, FloatingPointError) as error:
+            if debug:
+                raise
+            raise UserError(str(error)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="fedgma")
+def main(debug: bool) -> None:
+    """Federated learning with Gradient Masked Averaging (GMA)."""
+
+
+def _default_run_dir(config: Any) -> Path:
+    base = Path("runs") / f"{config.name or 'run'}-{config.algorithm}-{config.server.aggregator}-seed{config.seed}"
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        candidate = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return candidate
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<algo>-<agg>-seed<N>).")
+@click.option("--device", help="Shortcut for --set device=... (cpu, cuda, cuda:1).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def run(config_path: str, overrides: tuple[str, ...], out: str | None, device: str | None, quiet: bool) -> None:
+    """Run one experiment from a TOML config."""
+    from fedgma.config import load_config
+    from fedgma.simulation import run as simulate
+
+    overrides = (*overrides, f"device={device}") if device else overrides
+    config = load_config(config_path, list(overrides))
+    run_dir = Path(out) if out else _default_run_dir(config)
+    summary = simulate(config, run_dir, progress=not quiet)
+    final = summary["final"]
+    click.echo(
+        f"{run_dir}: final test accuracy {final['test_accuracy']:.4f} "
+        f"(best {summary['best']['test_accuracy']:.4f} at round {summary['best']['round']}), "
+        f"{summary['wall_s']:.1f} s"
+    )
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
+@click.option("--seeds", default=1, show_default=True, help="Seeds per point (config seed, seed+1, ...).")
+@click.option("--jobs", default=1, show_default=True, help="Runs in parallel processes.")
+@click.option("--out", type=click.Path(file_okay=False), help="Sweep folder (default: runs/<config name>).")
+@_user_errors
+def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], seeds: int, jobs: int,
+          out: str | None) -> None:
+    """Run the Cartesian product of --grid values × seeds; finished runs are skipped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedgma.report import find_runs
+    from fedgma.sweep import parse_grid, plan_sweep, run_sweep
+
+    out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
+    plan = plan_sweep(config_path, [parse_grid(g) for g in grids], seeds, out_dir, overrides)
+    skipped = sum(r.finished for r in plan)
+    click.echo(f"sweep: {len(plan)} runs in {out_dir} ({skipped} already finished)")
+    with Progress(TextColumn("sweep"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[last]}")) as progress:
+        task = progress.add_task("runs", total=len(plan), last="")
+
+        def done(run: Any, summary: dict[str, Any] | None) -> None:
+            last = "" if summary is None else f"{run.run_dir.name}: {summary['final']['test_accuracy']:.4f}"
+            progress.update(task, advance=1, last=last)
+
+        run_sweep(plan, jobs=jobs, on_done=done)
+    _print_table(find_runs(out_dir))
+
+
+def _print_table(runs: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedgma.report import summary_rows
+
+    rows = summary_rows(runs)
+    if not rows:
+        click.echo("no finished runs")
+        return
+    table = Table(title="final and best test accuracy (mean ± std over seeds)")
+    extra = sorted({k for row in rows for k in row if k.startswith("final_") and k != "final_accuracy"})
+    for column in ["run", "algorithm", "aggregator", "seeds", "final acc", "best acc", *extra, "wall s"]:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in rows:
+        cells = [row["run"], row["algorithm"], row["aggregator"], str(row["seeds"]),
+                 _pm(row["final_accuracy"]), _pm(row["best_accuracy"]),
+                 *[_pm(row[k]) if k in row else "" for k in extra], f"{row['wall_s']:.0f}"]
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def _pm(value: tuple[float, float]) -> str:
+    mean, std = value
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Client algorithms: what a sampled client does with the global model and its own data.
+
+Every classic algorithm here is local SGD on the client's loss with a gradient correction:
+
+    g = ∇f_i(w; batch) + λ w  [weight decay]  + μ (w − w_global)  [FedProx]  + (c − c_i)  [SCAFFOLD]
+
+so one local-SGD core (``train_client``) serves them all, and a vectorised backend needs to
+implement only that core. What differs between algorithms is the state around it, which lives
+in small objects (``PlainClient``, ``ScaffoldClient``) with ``state_dict()``/``load_state_dict()``.
+
+The batch order of a client in a round comes from ``batch_schedule`` with a generator seeded from
+(seed, round, client), so every backend replays exactly the same local steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedgma.data.arrays import ArrayDataset
+from fedgma.models import FlatModel
+
+__all__ = [
+    "ClientAlgorithm",
+    "ClientResult",
+    "ControlVariateStore",
+    "LocalSGD",
+    "PlainClient",
+    "ScaffoldClient",
+    "batch_schedule",
+    "train_client",
+]
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    """Local training settings: ``epochs`` passes over the data, or exactly ``steps`` steps when set."""
+
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("client.local_epochs", self.epochs >= 1 or self.steps is not None, "≥ 1"),
+            ("client.local_steps", self.steps is None or self.steps >= 1, "≥ 1"),
+            ("client.batch_size", self.batch_size >= 1, "≥ 1"),
+            ("client.lr", self.lr > 0, "> 0"),
+            ("client.momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("client.weight_decay", self.weight_decay >= 0, "≥ 0"),
+            ("client.prox_mu", self.prox_mu >= 0, "≥ 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{key} must be {expected}")
+
+
+@dataclass
+class ClientResult:
+    """What one client sends back: its update Δ = θ_local − θ_global and how it was made."""
+
+    client_id: int
+    update: Tensor
+    num_samples: int
+    num_steps: int
+    train_loss: float
+    control_delta: Tensor | None = None
+
+
+def batch_schedule(num_samples: int, settings: LocalSGD, generator: torch.Generator) -> list[Tensor]:
+    """Index batches of one client's local training: reshuffle each epoch, keep the last short batch.
+
+    With ``settings.steps`` set, epochs repeat until exactly that many steps are scheduled.
+    """
+    if num_samples < 1:
+        raise ValueError("a client with no samples cannot train")
+    batches: list[Tensor] = []
+    epoch = 0
+    while True:
+        order = torch.randperm(num_samples, generator=generator)
+        for batch in order.split(settings.batch_size):
+            batches.append(batch)
+            if settings.steps is not None and len(batches) == settings.steps:
+                return batches
+        epoch += 1
+        if settings.steps is None and epoch == settings.epochs:
+            return batches
+
+
+def train_client(
+    model: FlatModel,
+    global_params: Tensor,
+    data: ArrayDataset,
+    settings: LocalSGD,
+    generator: torch.Generator,
+    correction: Tensor | None = None,
+    client_id: int = -1,
+) -> ClientResult:
+    """Run local SGD from ``global_params`` on ``data``; return Δ = θ_local − θ_global.
+
+    ``correction`` is a constant added to every gradient (SCAFFOLD's c − c_i); FedProx's proximal
+    gradient μ (w − w_global) and weight decay come from ``settings``. The step matches
+    ``torch.optim.SGD`` (weight decay added before momentum, no dampening).
+    """
+    model.load(global_params)
+    params, grads = model.params, model.grads
+    velocity = torch.zeros_like(params) if settings.momentum > 0 else None
+    batches = batch_schedule(len(data), settings, generator)
+    loss_sum = torch.zeros((), device=params.device)
+    for batch in batches:
+        if batch.device != data.x.device:
+            batch = batch.to(data.x.device)
+        model.zero_grad()
+        loss = F.cross_entropy(model(data.x[batch]), data.y[batch])
+        loss.backward()
+        loss_sum += loss.detach()
+        with torch.no_grad():
+            if settings.weight_decay:
+                grads.add_(params, alpha=settings.weight_decay)
+            if settings.prox_mu:
+                grads.add_(params - global_params, alpha=settings.prox_mu)
+            if correction is not None:
+                grads.add_(correction)
+            step = grads
+            if velocity is not None:
+                velocity.mul_(settings.momentum).add_(grads)
+                step = velocity
+            params.sub_(step, alpha=settings.lr)
+    return ClientResult(
+        client_id=client_id,
+        update=params - global_params,
+        num_samples=len(data),
+        num_steps=len(batches),
+        train_loss=float(loss_sum) / len(batches),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Client algorithms: the state around local SGD
+# --------------------------------------------------------------------------------------------
+
+
+class ClientAlgorithm(Protocol):
+    """Per-round hooks around local SGD, and the algorithm's saved state."""
+
+    name: str
+    settings: LocalSGD
+
+    def begin_round(self, global_params: Tensor) -> None: ...
+
+    def correction(self, client_id: int) -> Tensor | None: ...
+
+    def finish_client(self, result: ClientResult) -> None: ...
+
+    def end_round(self, results: Sequence[ClientResult]) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class PlainClient:
+    """Local SGD (FedAvg, McMahan et al. 2017) or, with ``prox_mu`` > 0, FedProx (Li et al. 2020)."""
+
+    def __init__(self, settings: LocalSGD) -> None:
+        self.settings = settings
+        self.name = "fedprox" if settings.prox_mu > 0 else "sgd"
+
+    def begin_round(self, global_params: Tensor) -> None:
+        pass
+
+    def correction(self, client_id: int) -> Tensor | None:
+        return None
+
+    def finish_client(self, result: ClientResult) -> None:
+        pass
+
+    def end_round(self, results: Sequence[ClientResult]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ControlVariateStore:
+    """Per-client control variates c_i, created on first use as zeros (never-sampled clients cost nothing)."""
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu") -> None:
+        self.numel = numel
+        self.device = torch.device(device)
+        self._values: dict[int, Tensor] = {}
+
+    def get(self, client_id: int) -> Tensor:
+        value = self._values.get(client_id)
+        return torch.zeros(self.numel, device=self.device) if value is None else value.to(self.device)
+
+    def set(self, client_id: int, value: Tensor) -> None:
+        self._values[client_id] = value.detach().clone()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"numel": self.numel, "values": {k: v.cpu() for k, v in self._values.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["numel"] != self.numel:
+            raise ValueError(f"control variates have {state['numel']} entries, the model has {self.numel}")
+        self._values = {int(k): v.to(self.device) for k, v in state["values"].items()}
+
+
+class ScaffoldClient:
+    """SCAFFOLD (Karimireddy et al. 2020) with option II control variates.
+
+    Client i corrects each gradient by c − c_i, then sets c_i⁺ = c_i − c + (θ − y_i)/(K η_l)
+    = c_i − c − Δ_i/(K η_l), K its number of local steps. The server sets
+    c ← c + (1/N) Σ_{i ∈ S} (c_i⁺ − c_i) over every sampled client, N the population size.
+    Control variates are always averaged plainly: the aggregation rule (e.g. GMA's mask) applies
+    to the model update only.
+    """
+
+    name = "scaffold"
+
+    def __init__(self, settings: LocalSGD, numel: int, num_clients: int, device: torch.device | str = "cpu") -> None:
+        if settings.momentum or settings.prox_mu:
+            raise ValueError("scaffold: option II control variates assume plain local SGD (momentum = prox_mu = 0)")
+        self.settings = settings
+        self.num_clients = num_clients
+        self.server_control = torch.zeros(numel, device=device)
+        self.store = ControlVariateStore(numel, device)
+        self._delta_sum: Tensor | None = None
+
+    def begin_round(self, global_params: Tensor) -> None:
+        self._delta_sum = torch.zeros_like(self.server_control)
+
+    def correction(self, client_id: int) -> Tensor:
+        return self.server_control - self.store.get(client_id)
+
+    def finish_client(self, result: ClientResult) -> None:
+        assert self._delta_sum is not None, "begin_round was not called"
+        control_delta = -self.server_control - result.update / (result.num_steps * self.settings.lr)
+        self.store.set(result.client_id, self.store.get(result.client_id) + control_delta)
+        self._delta_sum += control_delta
+        result.control_delta = control_delta
+
+    def end_round(self, results: Sequence[ClientResult]) -> dict[str, float]:
+        assert self._delta_sum is not None
+        self.server_control += self._delta_sum / self.num_clients
+        self._delta_sum = None
+        return {"server_control_norm": float(self.server_control.norm())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server_control": self.server_control.cpu().clone(), "store": self.store.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.server_control = state["server_control"].to(self.server_control.device).clone()
+        self.store.load_state_dict(state["store"])
+
+
+def mean_train_loss(results: Iterable[ClientResult]) -> float:
+    """Local training loss averaged over every local step of the round."""
+    results = list(results)
+    steps = sum(r.num_steps for r in results)
+    return sum(r.train_loss * r.num_steps for r in results) / max(steps, 1)

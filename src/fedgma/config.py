@@ -1,0 +1,246 @@
+"""One typed experiment config, read from TOML and overridable with dotted ``key=value`` pairs.
+
+Every value is validated when the config is loaded; a bad value or an unknown key raises
+:class:`ConfigError` with the dotted key, what is allowed, and a did-you-mean for misspellings.
+Fields left unset (``None``) take the defaults of the chosen algorithm's recipe in
+:func:`resolve`, and the run folder stores the resolved config, so it shows every value used.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedgma.aggregation import available_aggregators
+from fedgma.algorithms import RECIPES, available_algorithms
+from fedgma.models import available_models
+
+__all__ = ["Config", "ConfigError", "apply_overrides", "config_to_toml", "load_config", "parse_config", "resolve"]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    partition: str = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    num_clients: int = Field(100, ge=1)
+    min_size: int = Field(10, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from fedgma.data.datasets import available_datasets
+
+        return _one_of(value, available_datasets())
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, value: str) -> str:
+        from fedgma.data.federated import available_partitions
+
+        return _one_of(value, available_partitions())
+
+
+class ModelConfig(_Section):
+    name: str = "mlp"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return _one_of(value, available_models())
+
+
+class ClientConfig(_Section):
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    prox_mu: float | None = Field(None, ge=0)
+
+
+class ServerConfig(_Section):
+    aggregator: str = "gma"
+    threshold: float = Field(0.4, ge=0, le=1)
+    hard: bool = False
+    weighted_agreement: bool = False
+    lr: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    eps: float = Field(1e-3, gt=0)
+    clients_per_round: int = Field(10, ge=1)
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, value: str) -> str:
+        return _one_of(value, available_aggregators())
+
+
+class Config(_Section):
+    name: str | None = None
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(50, ge=1)
+    eval_every: int = Field(5, ge=1)
+    algorithm: str = "fedavg"
+    device: str = "cpu"
+    backend: str = "sequential"
+    threads: int | None = Field(None, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        return _one_of(value, available_algorithms())
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from fedgma.backends import available_backends
+
+        return _one_of(value, available_backends())
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda") and value != "mps":
+            raise ValueError(f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+        return value
+
+
+def _one_of(value: str, allowed: list[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(value, allowed)}")
+    return value
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, resolving, saving
+# --------------------------------------------------------------------------------------------
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _known_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    known = _known_keys(Config)
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}{_did_you_mean(key, known)}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) or f"{value!r}" in message else f" (got {value!r})"
+        lines.append(f"config key {key!r}: {message}{shown}")
+    return "; ".join(lines)
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    """Validate a raw nested dict into a :class:`Config` (not yet resolved)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a TOML scalar (number, boolean, quoted string) or else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string, e.g. server.aggregator=mean
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as TOML, else taken as strings) to a raw dict."""
+    known = _known_keys(Config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. server.aggregator=mean")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, known)}")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_value(text.strip())
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or start from defaults when ``path`` is None), apply overrides, resolve."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+        raw.setdefault("name", path.stem)
+    return resolve(parse_config(apply_overrides(raw, overrides or [])))
+
+
+def resolve(config: Config) -> Config:
+    """Fill every unset value from the algorithm's recipe and check cross-field constraints."""
+    resolved = config.model_copy(deep=True)
+    for key, value in RECIPES[config.algorithm].defaults.items():
+        section, field = key.split(".")
+        target = getattr(resolved, section)
+        if getattr(target, field) is None:
+            setattr(target, field, value)
+    if resolved.algorithm == "scaffold" and (resolved.client.momentum or resolved.client.prox_mu):
+        raise ConfigError(
+            "config key 'client.momentum'/'client.prox_mu': scaffold needs plain local SGD (set both to 0)"
+        )
+    if resolved.server.clients_per_round > resolved.data.num_clients:
+        raise ConfigError(
+            f"config key 'server.clients_per_round': {resolved.server.clients_per_round} exceeds "
+            f"data.num_clients = {resolved.data.num_clients}"
+        )
+    return resolved
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return config.model_dump(exclude_none=True)
+
+
+def config_to_toml(config: Config) -> str:
+    """The config as TOML (unset optional values are omitted, since TOML has no null)."""
+    return tomli_w.dumps(config_to_dict(config))

@@ -1,0 +1,172 @@
+"""Models used in the FL literature, and a flat-parameter view of any model.
+
+Models are built deterministically from a ``torch.Generator`` (no global random state). None has
+non-trainable buffers (no BatchNorm; the ResNet uses GroupNorm, as FL papers usually do since
+batch statistics do not average well across heterogeneous clients), so the whole model state is
+one flat parameter vector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fedgma.aggregation import Layer
+
+__all__ = ["FlatModel", "available_models", "build_model", "init_parameters"]
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (200, 200)) -> nn.Module:
+    """The MLP of McMahan et al. 2017 (784-200-200-10 on 28×28 inputs)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The FedAvg CNN of McMahan et al. 2017: two 5×5 convs (32, 64) each with 2×2 max-pool, fc 512, fc."""
+    channels, height, width = _image_shape(input_shape)
+    flat = 64 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression (the convex model of FedProx's Synthetic experiments)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(2, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(2, cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(2, cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    """A small ResNet (3 stages of 2 basic blocks, widths w/2w/4w) with GroupNorm instead of BatchNorm."""
+    channels, _, _ = _image_shape(input_shape)
+    blocks: list[nn.Module] = [nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.GroupNorm(2, width), nn.ReLU()]
+    cin = width
+    for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        for block in range(2):
+            blocks.append(_BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+            cin = cout
+    blocks += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*blocks)
+
+
+def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"this model needs image inputs [C, H, W], got input shape {input_shape}")
+    return input_shape  # type: ignore[return-value]
+
+
+_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "logreg": logreg,
+    "resnet": resnet,
+}
+
+
+def available_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise every parameter as PyTorch's defaults do, but from ``generator``."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_uniform_(sub.weight, a=math.sqrt(5), generator=generator)
+            if sub.bias is not None:
+                fan_in = sub.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(sub.bias, -bound, bound, generator=generator)
+        elif isinstance(sub, nn.GroupNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, generator: torch.Generator) -> nn.Module:
+    """Build a model by name, its parameters drawn from ``generator``."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    model = _MODELS[name](tuple(input_shape), num_classes)
+    init_parameters(model, generator)
+    return model
+
+
+class FlatModel:
+    """A model whose parameters and gradients are views into two flat vectors.
+
+    Loading a global model is one copy into ``params``; a local SGD step and the client update
+    Δ = θ_local − θ_global are a few whole-vector operations, with no per-layer Python loops.
+    Gradients accumulate in place into ``grads`` (as DDP's gradient-as-bucket-view does).
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        module.to(device)
+        if any(b.is_floating_point() for b in module.buffers()):
+            raise ValueError("models with floating-point buffers (e.g. BatchNorm) are not supported; use GroupNorm")
+        self.module = module
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        self.layers: list[Layer] = []
+        start = 0
+        names = {id(p): n for n, p in module.named_parameters()}
+        for p in parameters:
+            self.layers.append(Layer(names[id(p)], start, p.numel()))
+            start += p.numel()
+        self.numel = start
+        self.params = torch.empty(start, device=device, dtype=parameters[0].dtype)
+        self.grads = torch.zeros_like(self.params)
+        for p, layer in zip(parameters, self.layers, strict=True):
+            view = slice(layer.start, layer.start + layer.numel)
+            self.params[view].copy_(p.detach().reshape(-1))
+            p.data = self.params[view].view_as(p)
+            p.grad = self.grads[view].view_as(p)
+        self._parameters = parameters
+
+    def load(self, flat: Tensor) -> None:
+        """Copy a flat parameter vector into the model (a copy: the model never aliases ``flat``)."""
+        self.params.copy_(flat)
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+
+    def check_views(self) -> None:
+        """Raise if autograd replaced a gradient tensor instead of accumulating into ``grads``."""
+        for p, layer in zip(self._parameters, self.layers, strict=True):
+            if p.grad is None or p.grad.data_ptr() != self.grads[layer.start :].data_ptr():
+                raise RuntimeError(f"gradient of {layer.name} is no longer a view of the flat gradient")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x)
