@@ -1,0 +1,6 @@
+"""Data: loaders (``datasets``), partitioners (``partition``) and the federated view (``federated``)."""
+
+from fedgma.data.arrays import ArrayDataset, DatasetSplits
+from fedgma.data.datasets import DatasetError, available_datasets, load_dataset
+
+__all__ = ["ArrayDataset", "DatasetError", "DatasetSplits", "available_datasets", "load_dataset"]
