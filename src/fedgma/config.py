@@ -39,6 +39,8 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0)
     num_clients: int = Field(100, ge=1)
     min_size: int = Field(10, ge=0)
+    # fraction of every client's training records held out as one validation set (for tuning; 0: none)
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("dataset")
     @classmethod

@@ -23,7 +23,7 @@ from fedgma.backends import make_backend
 from fedgma.client import LocalSGD, mean_train_loss
 from fedgma.config import Config, config_to_toml
 from fedgma.data.arrays import ArrayDataset
-from fedgma.data.federated import FederatedDataset, build_federated
+from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
 from fedgma.models import FlatModel, build_model
 from fedgma.seeding import numpy_rng, torch_generator
 
@@ -101,6 +101,8 @@ def run(config: Config, run_dir: str | Path, progress: bool = True, data: Federa
     seed = config.seed
 
     data = data or build_federated(config.data, seed)
+    if config.data.validation_fraction and "validation" not in data.extra_tests:
+        data = hold_out_validation(data, config.data.validation_fraction, seed)  # reported as validation_*
     (run_dir / "partition.json").write_text(json.dumps(data.statistics))
     data = data.to(device)
     module = build_model(config.model.name, data.input_shape, data.num_classes, torch_generator(seed, "init"))

@@ -17,9 +17,15 @@ import torch
 from fedgma.data import partition
 from fedgma.data.arrays import ArrayDataset, DatasetSplits
 from fedgma.data.datasets import load_dataset
-from fedgma.seeding import seed_sequence
+from fedgma.seeding import numpy_rng, seed_sequence
 
-__all__ = ["FederatedDataset", "available_partitions", "build_federated", "register_partition"]
+__all__ = [
+    "FederatedDataset",
+    "available_partitions",
+    "build_federated",
+    "hold_out_validation",
+    "register_partition",
+]
 
 
 @dataclass
@@ -90,4 +96,30 @@ def build_federated(data: Any, seed: int) -> FederatedDataset:
         test=splits.test,
         num_classes=splits.num_classes,
         statistics={"sizes": [len(p) for p in parts], "label_counts": counts.tolist()},
+    )
+
+
+def hold_out_validation(data: FederatedDataset, fraction: float, seed: int) -> FederatedDataset:
+    """Move ``fraction`` of every client's records into one validation set, ``extra_tests["validation"]``.
+
+    Hyper-parameters (e.g. the server learning rate) must be chosen on data drawn like the training
+    data, never on the test set. Taking the same fraction from each client, *after* partitioning and
+    any per-client feature transform, makes the validation set follow the clients' own mixture of
+    labels and domains in every setting (label skew, quantity skew, rotated or coloured domains).
+    Each client keeps at least one record. ``fraction = 0`` returns ``data`` unchanged.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return data
+    clients, held = [], []
+    for client_id, client in enumerate(data.clients):
+        order = numpy_rng(seed, "validation", client_id).permutation(len(client))
+        cut = min(int(round(fraction * len(client))), len(client) - 1)
+        held.append(client.subset(order[:cut]))
+        clients.append(client.subset(order[cut:]))
+    validation = ArrayDataset(torch.cat([h.x for h in held]), torch.cat([h.y for h in held]))
+    statistics = {**data.statistics, "validation_size": len(validation), "sizes": [len(c) for c in clients]}
+    return FederatedDataset(
+        clients, data.test, data.num_classes, {**data.extra_tests, "validation": validation}, statistics
     )
