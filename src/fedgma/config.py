@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import fedgma.robust  # noqa: F401  (registers the robust aggregators: median, trimmed_mean)
 from fedgma.aggregation import available_aggregators
 from fedgma.algorithms import RECIPES, available_algorithms
 from fedgma.models import available_models
@@ -87,11 +88,41 @@ class ServerConfig(_Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     eps: float = Field(1e-3, gt=0)
     clients_per_round: int = Field(10, ge=1)
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_update_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
+    on_bad_update: Literal["fail", "drop"] = "fail"
+    min_clients: int = Field(1, ge=1)
 
     @field_validator("aggregator")
     @classmethod
     def _known_aggregator(cls, value: str) -> str:
         return _one_of(value, available_aggregators())
+
+
+class FaultsConfig(_Section):
+    """Simulated client faults and attacks (see :mod:`fedgma.faults`); all off by default.
+
+    ``crash`` … ``scale`` are fractions of each round's sampled clients; ``label_flip`` is the
+    fraction of the client population whose training labels are flipped for the whole run.
+    """
+
+    crash: float = Field(0.0, ge=0, le=1)
+    straggle: float = Field(0.0, ge=0, le=1)
+    nan: float = Field(0.0, ge=0, le=1)
+    sign_flip: float = Field(0.0, ge=0, le=1)
+    scale: float = Field(0.0, ge=0, le=1)
+    scale_factor: float = Field(10.0, allow_inf_nan=False)
+    label_flip: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> FaultsConfig:
+        total = self.crash + self.straggle + self.nan + self.sign_flip + self.scale
+        if total > 1:
+            raise ValueError(
+                f"crash + straggle + nan + sign_flip + scale must be ≤ 1 (one fault per client), got {total:g}"
+            )
+        return self
 
 
 class Config(_Section):
@@ -103,10 +134,12 @@ class Config(_Section):
     device: str = "cpu"
     backend: str = "sequential"
     threads: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(1, ge=0)  # rounds between checkpoints; 0: never
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @field_validator("algorithm")
     @classmethod
@@ -157,17 +190,41 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _format_error(error: ValidationError) -> str:
     lines = []
-    known = _known_keys(Config)
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {key!r}{_did_you_mean(key, known)}")
+            lines.append(_unknown_key(tuple(str(part) for part in item["loc"])))
             continue
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         shown = "" if isinstance(value, dict) or f"{value!r}" in message else f" (got {value!r})"
         lines.append(f"config key {key!r}: {message}{shown}")
     return "; ".join(lines)
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    """'unknown config key' with a did-you-mean (in its section, else anywhere) and the section's keys."""
+    key = ".".join(loc)
+    section: type[BaseModel] = Config
+    depth = 0
+    for part in loc[:-1]:
+        annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        section = annotation
+        depth += 1
+    prefix = ".".join(loc[:depth])
+    siblings = [f"{prefix}.{name}" if prefix else name for name in section.model_fields]
+    known = _known_keys(Config)
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == loc[-1] and k != key]
+    in_known_section = depth == len(loc) - 1
+    hint = (_did_you_mean(key, siblings) or _did_you_mean(key, known)) if in_known_section else (
+        _did_you_mean(key, known) or _did_you_mean(key, siblings)
+    )
+    if not hint and same_leaf:
+        hint = f" (did you mean {' or '.join(repr(k) for k in same_leaf)}?)"
+    where = f"[{prefix}]" if prefix else "the top level"
+    return f"unknown config key {key!r}{hint}; {where} takes: {', '.join(section.model_fields)}"
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
@@ -195,11 +252,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, text = item.split("=", 1)
         key = key.strip()
         if key not in known:
-            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, known)}")
+            raise ConfigError(_unknown_key(tuple(key.split("."))))
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {part!r} must be a table (section), got {node!r}")
         node[leaf] = parse_value(text.strip())
     return raw
 
@@ -235,6 +294,11 @@ def resolve(config: Config) -> Config:
         raise ConfigError(
             f"config key 'server.clients_per_round': {resolved.server.clients_per_round} exceeds "
             f"data.num_clients = {resolved.data.num_clients}"
+        )
+    if resolved.server.min_clients > resolved.server.clients_per_round:
+        raise ConfigError(
+            f"config key 'server.min_clients': {resolved.server.min_clients} exceeds "
+            f"server.clients_per_round = {resolved.server.clients_per_round}"
         )
     return resolved
 
