@@ -205,3 +205,13 @@ def test_colored_splits_reverses_the_test_environment():
     test_agreement = np.mean(colour_of(colored.test) == colored.test.y.numpy())
     assert abs(train_agreement - 0.85) < 0.03
     assert abs(test_agreement - 0.1) < 0.03
+
+
+def test_feature_skew_accepts_a_seed_sequence():
+    x, y = digit_like(40)
+    data = ArrayDataset(x, torch.as_tensor(y))
+    parts = iid(40, 4, seed=0)
+    doms = D.noise_domains(4, 0.4)
+    a, where_a = D.feature_skew(data, parts, doms, "random", np.random.SeedSequence(3))
+    b, where_b = D.feature_skew(data, parts, doms, "random", np.random.SeedSequence(3))
+    assert torch.equal(a.x, b.x) and np.array_equal(where_a, where_b)

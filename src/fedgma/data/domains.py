@@ -251,7 +251,8 @@ def feature_skew(
     if len(domains) == 0:
         raise ValueError("domains is empty: give at least one Domain")
     if isinstance(assignment, str):
-        domain_of = assign_domains(len(parts), len(domains), assignment, seed if isinstance(seed, int) else 0)
+        mode_seed = int(seed.generate_state(1)[0]) if isinstance(seed, np.random.SeedSequence) else seed
+        domain_of = assign_domains(len(parts), len(domains), assignment, mode_seed)
     else:
         domain_of = np.asarray(assignment, dtype=np.int64)
         if domain_of.shape != (len(parts),) or domain_of.min() < 0 or domain_of.max() >= len(domains):
