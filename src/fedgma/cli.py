@@ -32,7 +32,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DatasetError, ValueError, FileNotFoundError, FloatingPointError) as error:
+        except (ConfigError, DatasetError, ValueError, OSError, FloatingPointError) as error:
             if debug:
                 raise
             raise UserError(str(error)) from None
@@ -57,27 +57,53 @@ def _default_run_dir(config: Any) -> Path:
 
 
 @main.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<algo>-<agg>-seed<N>).")
 @click.option("--device", help="Shortcut for --set device=... (cpu, cuda, cuda:1).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(file_okay=False),
+              help="Continue an interrupted run from its newest good checkpoint (no CONFIG needed).")
 @_user_errors
-def run(config_path: str, overrides: tuple[str, ...], out: str | None, device: str | None, quiet: bool) -> None:
-    """Run one experiment from a TOML config."""
-    from fedgma.config import load_config
+def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, device: str | None, quiet: bool,
+        resume_dir: str | None) -> None:
+    """Run one experiment from a TOML config, or --resume an interrupted one."""
+    from fedgma.config import ConfigError, load_config
     from fedgma.simulation import run as simulate
 
-    overrides = (*overrides, f"device={device}") if device else overrides
-    config = load_config(config_path, list(overrides))
-    run_dir = Path(out) if out else _default_run_dir(config)
-    summary = simulate(config, run_dir, progress=not quiet)
+    if resume_dir is not None:
+        if config_path or overrides or out or device:
+            raise ConfigError("--resume RUN_DIR uses the run's own config.toml: give no CONFIG, --set, --out, --device")
+        run_dir = Path(resume_dir)
+        summary = simulate(_run_config(run_dir), run_dir, progress=not quiet, resume=True)
+    elif config_path is None:
+        raise ConfigError("give a CONFIG file to run, or --resume RUN_DIR to continue a run")
+    else:
+        overrides = (*overrides, f"device={device}") if device else overrides
+        config = load_config(config_path, list(overrides))
+        run_dir = Path(out) if out else _default_run_dir(config)
+        summary = simulate(config, run_dir, progress=not quiet)
     final = summary["final"]
     click.echo(
         f"{run_dir}: final test accuracy {final['test_accuracy']:.4f} "
         f"(best {summary['best']['test_accuracy']:.4f} at round {summary['best']['round']}), "
         f"{summary['wall_s']:.1f} s"
     )
+
+
+def _run_config(run_dir: Path) -> Any:
+    """The resolved config a run folder was started with (its ``config.toml``), exactly as saved."""
+    import tomllib
+
+    from fedgma.config import ConfigError, parse_config, resolve
+
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.toml: not a fedgma run folder")
+    try:
+        return resolve(parse_config(tomllib.loads(path.read_text())))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
 
 
 @main.command()
@@ -87,19 +113,30 @@ def run(config_path: str, overrides: tuple[str, ...], out: str | None, device: s
 @click.option("--seeds", default=1, show_default=True, help="Seeds per point (config seed, seed+1, ...).")
 @click.option("--jobs", default=1, show_default=True, help="Runs in parallel processes.")
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep folder (default: runs/<config name>).")
+@click.option("--server-lr-from", "tuning_dir", type=click.Path(file_okay=False, exists=True),
+              help="Tuning sweep folder: use, per algorithm × aggregator, the server lr with the best "
+                   "final validation accuracy there.")
 @_user_errors
 def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], seeds: int, jobs: int,
-          out: str | None) -> None:
-    """Run the Cartesian product of --grid values × seeds; finished runs are skipped."""
+          out: str | None, tuning_dir: str | None) -> None:
+    """Run the Cartesian product of --grid values × seeds; finished runs are skipped.
+
+    A run that diverges is recorded (diverged.json) and counts as finished; a run that fails
+    otherwise leaves error.txt, the others go on, and the command exits with code 1.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedgma.report import find_runs
-    from fedgma.sweep import parse_grid, plan_sweep, run_sweep
+    from fedgma.report import find_runs, select_server_lr
+    from fedgma.sweep import SweepError, parse_grid, plan_sweep, run_sweep
 
     out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
-    plan = plan_sweep(config_path, [parse_grid(g) for g in grids], seeds, out_dir, overrides)
+    server_lr = None
+    if tuning_dir:
+        server_lr = {pair: choice["lr"] for pair, choice in select_server_lr(tuning_dir).items()}
+    plan = plan_sweep(config_path, [parse_grid(g) for g in grids], seeds, out_dir, overrides, server_lr)
     skipped = sum(r.finished for r in plan)
     click.echo(f"sweep: {len(plan)} runs in {out_dir} ({skipped} already finished)")
+    failed = None
     with Progress(TextColumn("sweep"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[last]}")) as progress:
         task = progress.add_task("runs", total=len(plan), last="")
@@ -108,9 +145,14 @@ def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], 
             last = "" if summary is None else f"{run.run_dir.name}: {summary['final']['test_accuracy']:.4f}"
             progress.update(task, advance=1, last=last)
 
-        run_sweep(plan, jobs=jobs, on_done=done)
+        try:
+            run_sweep(plan, jobs=jobs, on_done=done)
+        except SweepError as error:
+            failed = error
     _print_table(find_runs(out_dir))
-
+    if failed is not None:
+        click.echo(f"sweep: {failed}", err=True)
+        sys.exit(1)
 
 def _print_table(runs: list[Any]) -> None:
     from rich.console import Console
