@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRecord", "find_runs", "group_runs", "load_run", "mean_std", "summary_rows"]
+__all__ = [
+    "RunRecord",
+    "find_diverged",
+    "find_runs",
+    "group_runs",
+    "load_run",
+    "mean_std",
+    "select_server_lr",
+    "summary_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -86,3 +95,47 @@ def summary_rows(runs: Iterable[RunRecord]) -> list[dict[str, Any]]:
             row[f"final_{key}"] = mean_std([r.summary["final"][key] for r in group if key in r.summary["final"]])
         rows.append(row)
     return rows
+
+
+def find_diverged(root: str | Path) -> list[dict[str, Any]]:
+    """Runs under ``root`` that stopped on a non-finite model (``diverged.json``), with their config."""
+    import tomllib
+
+    found = []
+    for marker in sorted(Path(root).rglob("diverged.json")):
+        config_path = marker.parent / "config.toml"
+        config = tomllib.loads(config_path.read_text()) if config_path.is_file() else {}
+        found.append({"path": marker.parent, "config": config, **json.loads(marker.read_text())})
+    return found
+
+
+def select_server_lr(
+    root: str | Path, metric: str = "validation_accuracy"
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """For each (algorithm, aggregator) under ``root``, the server lr with the best mean final ``metric``.
+
+    This is how the suite tunes the server learning rate: on the validation split held out of the
+    clients' data (``data.validation_fraction``), never on the test set. A diverged run scores 0.
+    Returns ``{(algorithm, aggregator): {"lr": best, "scores": {lr: mean metric}}}``.
+    """
+    scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in find_runs(root):
+        if metric not in run.summary["final"]:
+            raise ValueError(
+                f"run {run.path} has no final {metric!r}; tuning needs data.validation_fraction > 0"
+            )
+        pair = (run.summary["algorithm"], run.summary["aggregator"])
+        scores[pair][float(run.config["server"]["lr"])].append(float(run.summary["final"][metric]))
+    for item in find_diverged(root):
+        config = item["config"]
+        if config:
+            pair = (config["algorithm"], config["server"]["aggregator"])
+            scores[pair][float(config["server"]["lr"])].append(0.0)
+    if not scores:
+        raise ValueError(f"no finished tuning runs under {root}")
+    chosen = {}
+    for pair, by_lr in scores.items():
+        means = {lr: statistics.fmean(values) for lr, values in sorted(by_lr.items())}
+        best = max(means, key=lambda lr: means[lr])  # first (smallest) lr wins a tie
+        chosen[pair] = {"lr": best, "scores": means}
+    return chosen

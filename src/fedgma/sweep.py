@@ -10,7 +10,7 @@ import itertools
 import json
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 
 from fedgma.config import Config, ConfigError, load_config, parse_value
 
-__all__ = ["SweepRun", "expand_grid", "parse_grid", "plan_sweep", "run_sweep"]
+__all__ = ["DIVERGED", "FAILED", "SweepError", "SweepRun", "expand_grid", "parse_grid", "plan_sweep", "run_sweep"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,12 @@ class SweepRun:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        """Done, either with ``summary.json`` or as a recorded divergence (deterministic: not worth redoing)."""
+        return (self.run_dir / "summary.json").is_file() or (self.run_dir / DIVERGED).is_file()
+
+
+DIVERGED = "diverged.json"
+FAILED = "error.txt"
 
 
 def parse_grid(item: str) -> tuple[str, list[Any]]:
@@ -63,10 +68,15 @@ def _format_value(value: Any) -> str:
 
 
 def _folder_name(overrides: Sequence[str], seed: int) -> str:
+    """``key=value`` parts joined by ``_``; a key is shortened to its last component unless two keys would clash
+    (``server.lr`` and ``client.lr`` stay in full)."""
+    keys = [item.split("=", 1)[0] for item in overrides]
+    short = [key.split(".")[-1] for key in keys]
     parts = []
-    for item in overrides:
-        key, value = item.split("=", 1)
-        parts.append(f"{key.split('.')[-1]}={value.strip(chr(34))}")
+    for item, key, name in zip(overrides, keys, short, strict=True):
+        value = item.split("=", 1)[1]
+        shown = name if short.count(name) == 1 else key
+        parts.append(f"{shown}={value.strip(chr(34))}")
     name = "_".join([*parts, f"seed{seed}"])
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", name)
 
@@ -77,8 +87,14 @@ def plan_sweep(
     seeds: int,
     out_dir: str | Path,
     base_overrides: Sequence[str] = (),
+    server_lr: Mapping[tuple[str, str], float] | None = None,
 ) -> list[SweepRun]:
-    """Resolve every run of the sweep (validating each config before anything runs)."""
+    """Resolve every run of the sweep (validating each config before anything runs).
+
+    ``server_lr`` maps (algorithm, aggregator) to the server learning rate to use, e.g. the one
+    :func:`fedgma.report.select_server_lr` chose on a tuning sweep's validation split; a run whose pair
+    is missing from it is an error (the tuning did not cover it).
+    """
     if seeds < 1:
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
     base = load_config(config_path, list(base_overrides))
@@ -87,21 +103,48 @@ def plan_sweep(
         for offset in range(seeds):
             seed = base.seed + offset
             # each run resolves from the file, so recipe defaults follow the run's own algorithm
-            config = load_config(config_path, [*base_overrides, *combo, f"seed={seed}"])
+            overrides = [*base_overrides, *combo, f"seed={seed}"]
+            config = load_config(config_path, overrides)
+            if server_lr is not None:
+                pair = (config.algorithm, config.server.aggregator)
+                if pair not in server_lr:
+                    known = ", ".join(f"{a}+{g}" for a, g in sorted(server_lr)) or "none"
+                    raise ConfigError(f"no tuned server lr for {pair[0]}+{pair[1]} (tuned: {known})")
+                config = load_config(config_path, [*overrides, f"server.lr={server_lr[pair]!r}"])
             plan.append(SweepRun(tuple(combo), Path(out_dir) / _folder_name(combo, seed), config))
+    names = [run.run_dir for run in plan]
+    if len(set(names)) != len(names):
+        raise ConfigError("two runs of the sweep would share a folder; give each --grid key distinct values")
     return plan
 
 
-def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any]:
+def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any] | None:
+    """Run one point from scratch. Divergence (a non-finite model) is a result: it is recorded in
+    ``diverged.json`` and the sweep goes on; any other error is written to ``error.txt`` and re-raised."""
     import torch
 
+    from fedgma import simulation
     from fedgma.simulation import run as simulate
 
+    # a non-finite model, or clients' non-finite updates computed from one, mean the run diverged
+    divergence = (FloatingPointError, getattr(simulation, "BadUpdateError", FloatingPointError))
     if threads:
         torch.set_num_threads(threads)
     if run.run_dir.exists():
         shutil.rmtree(run.run_dir)  # an unfinished run: start it again from scratch
-    return simulate(run.config, run.run_dir, progress=False)
+    try:
+        return simulate(run.config, run.run_dir, progress=False)
+    except divergence as error:
+        record = {"status": "diverged", "error": str(error), "algorithm": run.config.algorithm,
+                  "aggregator": run.config.server.aggregator, "seed": run.config.seed}
+        (run.run_dir / DIVERGED).write_text(json.dumps(record, indent=2))
+        return None
+    except Exception:
+        import traceback
+
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / FAILED).write_text(traceback.format_exc())
+        raise
 
 
 def run_sweep(
@@ -109,25 +152,46 @@ def run_sweep(
     jobs: int = 1,
     on_done: Callable[[SweepRun, dict[str, Any] | None], None] | None = None,
 ) -> list[SweepRun]:
-    """Run every unfinished run of ``plan``, ``jobs`` at a time in separate processes."""
+    """Run every unfinished run of ``plan``, ``jobs`` at a time in separate processes.
+
+    ``on_done(run, summary)`` is called once per run: with ``None`` for a run finished earlier or one
+    that diverged. A run that fails otherwise does not stop the others; once all have been tried, the
+    first failure is raised as a :class:`SweepError` naming every failed run folder.
+    """
     todo = [run for run in plan if not run.finished]
     for run in plan:
         if run.finished and on_done:
             on_done(run, None)
+    failures: list[tuple[SweepRun, BaseException]] = []
     if jobs <= 1:
         for run in todo:
-            summary = _run_one(run)
+            try:
+                summary = _run_one(run)
+            except Exception as error:  # noqa: BLE001  (reported below, after the other runs)
+                failures.append((run, error))
+                continue
             if on_done:
                 on_done(run, summary)
-        return todo
-    import multiprocessing
-    import os
+    else:
+        import multiprocessing
+        import os
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)  # share the cores instead of oversubscribing them
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_one, run, threads): run for run in todo}
-        for future in as_completed(futures):
-            summary = future.result()
-            if on_done:
-                on_done(futures[future], summary)
+        threads = max(1, (os.cpu_count() or 1) // jobs)  # share the cores instead of oversubscribing them
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, run, threads): run for run in todo}
+            for future in as_completed(futures):
+                try:
+                    summary = future.result()
+                except Exception as error:  # noqa: BLE001
+                    failures.append((futures[future], error))
+                    continue
+                if on_done:
+                    on_done(futures[future], summary)
+    if failures:
+        names = ", ".join(str(run.run_dir) for run, _ in failures)
+        raise SweepError(f"{len(failures)} run(s) failed (see error.txt in each): {names}") from failures[0][1]
     return todo
+
+
+class SweepError(RuntimeError):
+    """Some runs of a sweep failed; the message names their folders."""
