@@ -1,0 +1,462 @@
+"""Gradient Masked Averaging as a Flower strategy (flwr 1.41 Message API).
+
+Flower's ``FedAvg`` and its subclasses (``FedAvgM``, ``FedProx``, ``FedAdam``, ``FedYogi``,
+``FedAdagrad``) all work the same way in ``aggregate_train``: ``FedAvg.aggregate_train`` takes the
+weighted average of the replies' models, and the subclass then applies its server step (momentum,
+adaptive moments) to that average. :class:`GMAMixin` replaces only the first part: it folds each
+reply's update Δ_k = θ_k − θ (client model minus the global model it was sent) into the core
+library's streaming :class:`~fedgma.aggregation.GMAAggregator`, one reply at a time, and hands the
+masked result θ + m ⊙ Σ p_k Δ_k to the strategy's own server step as if it were the average.
+So ``GMAFedAdam`` is FedAdam's server optimizer on GMA's aggregate, with the maths of GMA in one
+place (``fedgma.aggregation``; Tenison et al., "Gradient Masked Averaging for Federated Learning",
+TMLR 2023).
+
+Every reply is validated before any of it is used: an error reply, a missing or misnamed array, a
+wrong shape or dtype, a non-finite value, a missing/negative/non-finite weight. A bad reply is
+dropped with a warning naming its node (``on_invalid="drop"``) or stops the round with
+:class:`InvalidReplyError` (``on_invalid="fail"``). Floating-point arrays go through GMA; integer
+and boolean arrays (e.g. BatchNorm's ``num_batches_tracked``) are averaged plainly, rounded, keep
+their dtype and bypass the server step: a counter is never pushed through a sign or a momentum.
+
+Streaming: replies are consumed from an iterator and discarded once folded in, so the server holds
+O(d) state (the global model, two running sums per array) whatever the number of clients. Flower's
+own ``send_and_receive`` collects every reply before returning; ``start`` therefore swaps in
+:class:`StreamingGrid`, which pushes the messages and yields replies as they are pulled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from torch import Tensor
+
+from fedgma.aggregation import AGREEMENT_BINS, MeanAggregator, make_aggregator
+
+__all__ = [
+    "GMAFedAdagrad",
+    "GMAFedAdam",
+    "GMAFedAvg",
+    "GMAFedAvgM",
+    "GMAFedProx",
+    "GMAFedYogi",
+    "GMAMixin",
+    "InvalidReplyError",
+    "ReplyAggregator",
+    "StreamingGrid",
+    "with_gma",
+]
+
+
+class InvalidReplyError(ValueError):
+    """A client reply cannot be used (wrong arrays, shapes, dtypes, non-finite values or weight)."""
+
+
+def _kind(dtype: str) -> str:
+    """'float' for floating-point arrays (aggregated by the rule), 'integer' for int/uint/bool."""
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return "float"
+    if kind in "iub":
+        return "integer"
+    raise ValueError(f"array dtype {dtype} is not supported (floating-point, integer or boolean arrays only)")
+
+
+def _node(message: Message) -> str:
+    try:
+        return str(message.metadata.src_node_id)
+    except Exception:  # noqa: BLE001  (a hand-built message may lack metadata)
+        return "?"
+
+
+class ReplyAggregator:
+    """Fold Flower train replies into one aggregate, one reply at a time (O(d) state).
+
+    ``reference`` is the global model the replies were trained from; each reply's update is its
+    model minus ``reference``. ``rule`` names a registered aggregator (``"gma"``, ``"mean"``, …)
+    and ``options`` are its options (``threshold``, ``hard``, ``weighted_agreement``). Each
+    floating-point array has its own streaming aggregator; since the rules act coordinate by
+    coordinate with one weight per client, this is the same arithmetic as one aggregator over the
+    concatenated flat vector.
+    """
+
+    def __init__(
+        self,
+        reference: ArrayRecord,
+        rule: str = "gma",
+        options: dict[str, Any] | None = None,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        on_invalid: str = "drop",
+    ) -> None:
+        if on_invalid not in ("drop", "fail"):
+            raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
+        if len(reference) == 0:
+            raise ValueError("the global ArrayRecord is empty: nothing to aggregate")
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self.on_invalid = on_invalid
+        self.dtypes = {key: array.dtype for key, array in reference.items()}
+        self.shapes = {key: tuple(array.shape) for key, array in reference.items()}
+        self.kinds = {key: _kind(dtype) for key, dtype in self.dtypes.items()}
+        self.reference: dict[str, Tensor] = {
+            key: torch.from_numpy(np.asarray(array.numpy(), order="C")).reshape(-1) for key, array in reference.items()
+        }
+        options = dict(options or {})
+        self._rules = {
+            key: make_aggregator(rule, **options) if kind == "float" else MeanAggregator()
+            for key, kind in self.kinds.items()
+        }
+        self.rule = rule
+        self.count = 0
+        self.total_weight = 0.0
+        self.dropped: list[tuple[str, str]] = []  # (node id, reason)
+        self.metrics: list[MetricRecord] = []  # each admitted reply's metrics (small), for metric aggregation
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _reject(self, message: Message, reason: str) -> bool:
+        node = _node(message)
+        if self.on_invalid == "fail":
+            raise InvalidReplyError(f"reply from node {node}: {reason}")
+        log(WARNING, "GMA: dropping the reply from node %s: %s", node, reason)
+        self.dropped.append((node, reason))
+        return False
+
+    def _arrays_of(self, content: RecordDict) -> ArrayRecord:
+        records = content.array_records
+        if self.arrayrecord_key in records:
+            return records[self.arrayrecord_key]
+        if len(records) == 1:
+            return next(iter(records.values()))
+        raise InvalidReplyError(
+            f"expected one ArrayRecord (key {self.arrayrecord_key!r}), found {len(records)}: {sorted(records)}"
+        )
+
+    def _weight_of(self, content: RecordDict) -> tuple[float, MetricRecord]:
+        records = content.metric_records
+        if len(records) != 1:
+            raise InvalidReplyError(f"expected exactly one MetricRecord, found {len(records)}")
+        metrics = next(iter(records.values()))
+        if self.weighted_by_key not in metrics:
+            raise InvalidReplyError(f"its MetricRecord has no weight {self.weighted_by_key!r}")
+        value = metrics[self.weighted_by_key]
+        if isinstance(value, (list, bool)) or not isinstance(value, (int, float)):
+            raise InvalidReplyError(f"weight {self.weighted_by_key!r} must be one number, got {value!r}")
+        weight = float(value)
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidReplyError(f"weight {self.weighted_by_key!r} must be finite and ≥ 0, got {value!r}")
+        return weight, metrics
+
+    def _updates_of(self, arrays: ArrayRecord) -> dict[str, Tensor]:
+        missing = sorted(set(self.shapes) - set(arrays))
+        extra = sorted(set(arrays) - set(self.shapes))
+        if missing or extra:
+            raise InvalidReplyError(f"arrays do not match the global model (missing {missing}, unexpected {extra})")
+        updates: dict[str, Tensor] = {}
+        for key, array in arrays.items():
+            if array.dtype != self.dtypes[key]:
+                raise InvalidReplyError(f"array {key!r} has dtype {array.dtype}, expected {self.dtypes[key]}")
+            if tuple(array.shape) != self.shapes[key]:
+                raise InvalidReplyError(
+                    f"array {key!r} has shape {tuple(array.shape)}, expected {self.shapes[key]}"
+                )
+            try:
+                values = np.asarray(array.numpy(), order="C")
+            except Exception as error:  # noqa: BLE001  (corrupt bytes: say which array)
+                raise InvalidReplyError(f"array {key!r} cannot be decoded: {error}") from None
+            if values.dtype != np.dtype(self.dtypes[key]) or values.shape != self.shapes[key]:
+                raise InvalidReplyError(
+                    f"array {key!r} decodes to {values.dtype}{values.shape}, "
+                    f"expected {self.dtypes[key]}{self.shapes[key]}"
+                )
+            tensor = torch.from_numpy(values).reshape(-1)
+            if self.kinds[key] == "float":
+                if not bool(torch.isfinite(tensor).all()):
+                    raise InvalidReplyError(f"array {key!r} contains NaN or infinite values")
+                update = tensor - self.reference[key]
+                if not bool(torch.isfinite(update).all()):
+                    raise InvalidReplyError(f"array {key!r} is too far from the global model (update overflows)")
+                updates[key] = update
+            else:
+                updates[key] = tensor.to(torch.float64)  # integers: the values themselves, averaged plainly
+        return updates
+
+    # -- folding -----------------------------------------------------------------------------
+
+    def add(self, message: Message) -> bool:
+        """Validate one reply and fold it in; False if it was dropped (see ``dropped``)."""
+        if message.has_error():
+            error = message.error
+            return self._reject(message, f"the client reported an error (code {error.code}): {error.reason}")
+        if not message.has_content():
+            return self._reject(message, "the reply has no content")
+        try:
+            content = message.content
+            weight, metrics = self._weight_of(content)
+            updates = self._updates_of(self._arrays_of(content))
+        except InvalidReplyError as error:
+            return self._reject(message, str(error))
+        for key, update in updates.items():
+            self._rules[key].add(update, weight)
+        self.count += 1
+        self.total_weight += weight
+        self.metrics.append(metrics)
+        return True
+
+    def add_all(self, replies: Iterable[Message]) -> int:
+        """Fold every reply of an iterable (consumed lazily); the number admitted."""
+        for message in replies:
+            self.add(message)
+            del message  # drop our reference before the iterator produces the next reply
+        return self.count
+
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The aggregated model θ + u as numpy arrays (dtypes and shapes as the global model), and stats.
+
+        Integer arrays are the plain weighted average of the replies' values, rounded.
+        """
+        if self.count == 0:
+            raise ValueError("cannot aggregate: no valid reply was received")
+        if self.total_weight <= 0:
+            raise ValueError(f"cannot aggregate: the replies' weights {self.weighted_by_key!r} sum to zero")
+        arrays: dict[str, np.ndarray] = {}
+        per_key: dict[str, dict[str, Any]] = {}
+        for key, rule in self._rules.items():
+            aggregate, stats = rule.result()
+            dtype, shape = np.dtype(self.dtypes[key]), self.shapes[key]
+            if self.kinds[key] == "float":
+                per_key[key] = stats
+                values = (self.reference[key] + aggregate).numpy()
+            else:
+                values = aggregate.round().numpy()
+            arrays[key] = values.astype(dtype, copy=False).reshape(shape)
+        return arrays, self._statistics(per_key)
+
+    def _statistics(self, per_key: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        stats: dict[str, Any] = {"num_clients": self.count, "num_dropped": len(self.dropped)}
+        if not per_key or "mask_density" not in next(iter(per_key.values())):
+            return stats
+        numel = {key: self.reference[key].numel() for key in per_key}
+        total = sum(numel.values())
+        for name in ("mask_density", "mask_pass_fraction", "agreement_mean"):
+            stats[name] = sum(per_key[k][name] * numel[k] for k in per_key) / total
+        histogram = [0] * AGREEMENT_BINS
+        for key, key_stats in per_key.items():
+            histogram = [a + b for a, b in zip(histogram, key_stats["agreement_histogram"], strict=True)]
+            stats[f"mask_density/{key}"] = key_stats["mask_density"]
+        stats["agreement_histogram"] = histogram
+        return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming replies from a Grid
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingGrid:
+    """A Grid whose ``send_and_receive`` yields replies as they arrive instead of collecting them.
+
+    Messages are pushed at once; replies are pulled every ``pull_interval`` seconds and yielded one
+    by one until every message is answered or ``timeout`` seconds have passed. Everything else is
+    delegated to the wrapped grid.
+    """
+
+    def __init__(self, grid: Grid, pull_interval: float = 0.1) -> None:
+        self._grid = grid
+        self.pull_interval = pull_interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        pending = set(self._grid.push_messages(messages))
+        return self._pull(pending, timeout)
+
+    def _pull(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            for reply in self._grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                yield reply
+            if not pending:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                log(WARNING, "no reply to %d message(s) within %.0f s; going on without them", len(pending), timeout)
+                return
+            time.sleep(self.pull_interval)
+
+
+# --------------------------------------------------------------------------------------------
+# The mixin and the ready-made strategies
+# --------------------------------------------------------------------------------------------
+
+
+def _aggregate_reply(arrays: dict[str, np.ndarray], weighted_by_key: str) -> Message:
+    """A stand-in reply carrying the aggregate, handed to the base strategy's server step."""
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({weighted_by_key: 1.0})})
+    metadata = Metadata(
+        run_id=0, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id="", group_id="",
+        created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+class GMAMixin:
+    """Put Gradient Masked Averaging in place of the weighted average of a Flower FedAvg-family strategy.
+
+    Use as the first base: ``class MyStrategy(GMAMixin, FedAdam)``, or ``with_gma(FedAdam)``.
+    Keyword options (the rest go to the Flower strategy):
+
+    * ``aggregator``: a fedgma aggregation rule, ``"gma"`` (default) or ``"mean"`` (plain averaging
+      with the same validation), or any rule registered with ``fedgma.aggregation.register_aggregator``;
+    * ``threshold`` (τ, default 0.4), ``hard`` (AND-mask), ``weighted_agreement``: GMA's options;
+    * ``on_invalid``: ``"drop"`` (default) a bad reply with a warning naming its node, or ``"fail"``;
+    * ``min_replies``: fewest valid replies a round needs (default 1); with fewer, the round leaves
+      the global model unchanged and says so;
+    * ``pull_interval``: seconds between pulls of replies while streaming (default 0.1).
+
+    After each round ``last_round`` holds the aggregation statistics (mask density, agreement
+    histogram, dropped nodes) and the admitted replies' metrics; the aggregated MetricRecord
+    carries the scalar statistics too (``gma-mask-density``, ``gma-num-dropped``, …).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        aggregator: str = "gma",
+        threshold: float = 0.4,
+        hard: bool = False,
+        weighted_agreement: bool = False,
+        on_invalid: str = "drop",
+        min_replies: int = 1,
+        pull_interval: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if on_invalid not in ("drop", "fail"):
+            raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be ≥ 1, got {min_replies}")
+        make_aggregator(aggregator, threshold=threshold, hard=hard)  # fail now on a bad name or threshold
+        self.gma_rule = aggregator
+        self.gma_options = {"threshold": threshold, "hard": hard, "weighted_agreement": weighted_agreement}
+        self.on_invalid = on_invalid
+        self.min_replies = min_replies
+        self.pull_interval = pull_interval
+        self.last_round: dict[str, Any] = {}
+        self._global_arrays: ArrayRecord | None = None
+        self._in_server_step = False
+
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
+        """Flower's round loop, with replies streamed into the aggregator as they arrive."""
+        if not isinstance(grid, StreamingGrid):
+            grid = StreamingGrid(grid, self.pull_interval)  # type: ignore[assignment]
+        return super().start(grid, *args, **kwargs)  # type: ignore[misc]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global_arrays = arrays  # the model every reply of this round was trained from
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train: the global model is unknown")
+        fold = ReplyAggregator(
+            self._global_arrays,
+            rule=self.gma_rule,
+            options=self.gma_options,
+            weighted_by_key=self.weighted_by_key,  # type: ignore[attr-defined]
+            arrayrecord_key=self.arrayrecord_key,  # type: ignore[attr-defined]
+            on_invalid=self.on_invalid,
+        )
+        fold.add_all(replies)
+        self.last_round = {"round": server_round, "dropped": fold.dropped, "metrics": fold.metrics, "stats": {}}
+        log(INFO, "aggregate_train (GMA): %d replies used, %d dropped", fold.count, len(fold.dropped))
+        if fold.count < self.min_replies or fold.total_weight <= 0:
+            log(
+                WARNING,
+                "round %d: %d valid replies (minimum %d, total weight %s); the global model is left unchanged",
+                server_round, fold.count, self.min_replies, fold.total_weight,
+            )
+            return None, None
+        aggregated, stats = fold.result()
+        self.last_round["stats"] = stats
+        metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
+            [RecordDict({"metrics": m}) for m in fold.metrics], self.weighted_by_key  # type: ignore[attr-defined]
+        )
+        for name, value in stats.items():
+            if isinstance(value, (int, float)) and "/" not in name:
+                metrics[f"gma-{name.replace('_', '-')}"] = value
+        return self._server_step(server_round, aggregated, fold), metrics
+
+    def _server_step(self, server_round: int, aggregated: dict[str, np.ndarray], fold: ReplyAggregator) -> ArrayRecord:
+        """Apply the base strategy's server step (FedAvgM momentum, FedAdam moments, …) to the aggregate."""
+        self._in_server_step = True
+        try:
+            stepped, _ = super().aggregate_train(  # type: ignore[misc]
+                server_round, [_aggregate_reply(aggregated, self.weighted_by_key)]  # type: ignore[attr-defined]
+            )
+        finally:
+            self._in_server_step = False
+        if stepped is None:
+            raise RuntimeError("the base strategy returned no arrays for the aggregated reply")
+        for key, kind in fold.kinds.items():  # integer arrays bypass the server step, with their dtype
+            if kind == "integer":
+                stepped[key] = Array(aggregated[key])
+        return stepped
+
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
+        if is_train and self._in_server_step:  # our stand-in reply, already validated
+            return list(replies), []
+        return super()._check_and_log_replies(replies, is_train, validate)  # type: ignore[misc]
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> GMA: rule %s, %s, on_invalid=%s", self.gma_rule, self.gma_options, self.on_invalid)
+        super().summary()  # type: ignore[misc]
+
+
+def with_gma(strategy_class: type) -> type:
+    """A subclass of a Flower FedAvg-family strategy class with GMA as its aggregation step."""
+    if not (isinstance(strategy_class, type) and issubclass(strategy_class, FedAvg)):
+        raise TypeError(f"with_gma needs a subclass of flwr FedAvg, got {strategy_class!r}")
+    return type(f"GMA{strategy_class.__name__}", (GMAMixin, strategy_class), {"__doc__": GMAMixin.__doc__})
+
+
+class GMAFedAvg(GMAMixin, FedAvg):
+    """FedAvg + GMA: θ ← θ + m ⊙ Σ p_k Δ_k (Tenison et al. 2023)."""
+
+
+class GMAFedAvgM(GMAMixin, FedAvgM):
+    """FedAvgM + GMA: server momentum (Hsu et al. 2019) on GMA's aggregate."""
+
+
+class GMAFedProx(GMAMixin, FedProx):
+    """FedProx + GMA: proximal local training (Li et al. 2020), GMA at the server."""
+
+
+class GMAFedAdam(GMAMixin, FedAdam):
+    """FedAdam + GMA: Flower's FedAdam server step (Reddi et al. 2021) on GMA's aggregate."""
+
+
+class GMAFedYogi(GMAMixin, FedYogi):
+    """FedYogi + GMA: Flower's FedYogi server step (Reddi et al. 2021) on GMA's aggregate."""
+
+
+class GMAFedAdagrad(GMAMixin, FedAdagrad):
+    """FedAdagrad + GMA: Flower's FedAdagrad server step (Reddi et al. 2021) on GMA's aggregate."""
