@@ -121,6 +121,7 @@ class ReplyAggregator:
         self.total_weight = 0.0
         self.dropped: list[tuple[str, str]] = []  # (node id, reason)
         self.metrics: list[MetricRecord] = []  # each admitted reply's metrics (small), for metric aggregation
+        self.updates: dict[str, Tensor] = {}  # the aggregated update u of each float array, set by result()
 
     # -- validation --------------------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class ReplyAggregator:
             dtype, shape = np.dtype(self.dtypes[key]), self.shapes[key]
             if self.kinds[key] == "float":
                 per_key[key] = stats
+                self.updates[key] = aggregate
                 values = (self.reference[key] + aggregate).numpy()
             else:
                 values = aggregate.round().numpy()

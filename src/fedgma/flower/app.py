@@ -1,0 +1,483 @@
+"""A Flower app (ServerApp + ClientApp) that runs a fedgma experiment config on Flower.
+
+The same experiment config that ``fedgma run`` reads (dataset, partition, model, local training,
+aggregator, server optimizer, seed) runs here on Flower's runtimes: the local simulation engine
+(Ray) via ``flwr run`` or :func:`run_flower` (``fedgma run CONFIG --engine flower``), or a
+deployment (SuperLink + SuperNodes over gRPC).
+
+To make the two engines do the same arithmetic:
+
+* the SuperNode with ``partition-id`` k (``node_config``; Flower's simulation sets it, a deployed
+  node gets ``--node-config "partition-id=k num-partitions=N"``) is client k of the config's
+  partition, and trains with :func:`fedgma.client.train_client` and the generator
+  ``torch_generator(seed, "client", round, k)``, as the sequential backend does;
+* the server samples the round's clients with :func:`fedgma.simulation.sample_clients` and sends
+  each its message (a first "query" round learns which node holds which partition);
+* :class:`FedGMA` aggregates with the core streaming aggregator (via :class:`GMAMixin`) and steps
+  with the recipe's own server optimizer (``fedgma.server_opt``), on the flat parameter vector;
+* evaluation is central, on the server, every ``eval_every`` rounds, with
+  :func:`fedgma.simulation.evaluate`.
+
+The one difference is that a client replies with its model θ + Δ (Flower's convention) and the
+server takes Δ' = (θ + Δ) − θ, which differs from Δ by float32 rounding.
+
+The experiment config travels inside every train message (ConfigRecord key ``fedgma-config``, the
+resolved TOML), so a ClientApp needs no local files; each ClientApp process builds the federated
+data set once per config and keeps it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
+
+from fedgma.algorithms import RECIPES, make_server_optimizer_for
+from fedgma.client import mean_train_loss, train_client
+from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve
+from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
+from fedgma.flower.strategy import GMAMixin, ReplyAggregator, StreamingGrid
+from fedgma.models import FlatModel, build_model
+from fedgma.seeding import torch_generator
+from fedgma.simulation import evaluate, local_settings, sample_clients
+
+__all__ = [
+    "EXPERIMENT_KEY",
+    "FedGMA",
+    "check_supported",
+    "client_app",
+    "config_from_run_config",
+    "make_server_app",
+    "params_to_record",
+    "record_to_params",
+    "run_flower",
+    "serve",
+    "server_app",
+]
+
+EXPERIMENT_KEY = "fedgma-config"  # ConfigRecord key: the resolved experiment config as TOML
+PARTITION_KEY = "partition-id"
+
+
+# --------------------------------------------------------------------------------------------
+# What both sides build from a config
+# --------------------------------------------------------------------------------------------
+
+
+def check_supported(config: Config) -> None:
+    """Raise ConfigError for what the Flower engine does not (yet) run."""
+    if RECIPES[config.algorithm].client == "scaffold":
+        raise ConfigError("config key 'algorithm': scaffold keeps client state and is not supported by --engine flower")
+    faults = getattr(config, "faults", None)
+    if faults is not None and any(v for k, v in faults.model_dump().items() if k != "scale_factor"):
+        raise ConfigError("config section [faults] (simulated faults) is not supported by --engine flower")
+    if getattr(config.server, "clip_norm", None) is not None:
+        raise ConfigError("config key 'server.clip_norm' is not supported by --engine flower")
+
+
+def build_data(config: Config) -> FederatedDataset:
+    """The federated data set of a config, exactly as :func:`fedgma.simulation.run` builds it."""
+    data = build_federated(config.data, config.seed)
+    fraction = getattr(config.data, "validation_fraction", 0.0)
+    if fraction and "validation" not in data.extra_tests:
+        data = hold_out_validation(data, fraction, config.seed)
+    return data
+
+
+def build_flat_model(config: Config, data: FederatedDataset) -> FlatModel:
+    module = build_model(config.model.name, data.input_shape, data.num_classes, torch_generator(config.seed, "init"))
+    return FlatModel(module, "cpu")
+
+
+def params_to_record(model: FlatModel, params: Tensor) -> ArrayRecord:
+    """A flat parameter vector as an ArrayRecord keyed by parameter name, with the parameters' shapes."""
+    shapes = {name: tuple(p.shape) for name, p in model.module.named_parameters()}
+    return ArrayRecord({
+        layer.name: Array(params[layer.start : layer.start + layer.numel].detach().cpu().reshape(shapes[layer.name])
+                          .numpy().copy())
+        for layer in model.layers
+    })
+
+
+def record_to_params(record: ArrayRecord, model: FlatModel) -> Tensor:
+    """The flat parameter vector of an ArrayRecord made by :func:`params_to_record` (checked)."""
+    names = [layer.name for layer in model.layers]
+    if set(record) != set(names):
+        raise ValueError(f"the model arrays {sorted(record)} do not match the model's parameters {names}")
+    parts = []
+    for layer in model.layers:
+        values = record[layer.name].numpy().reshape(-1)
+        if values.size != layer.numel:
+            raise ValueError(f"array {layer.name!r} has {values.size} values, the model expects {layer.numel}")
+        parts.append(torch.from_numpy(values.astype(np.float32, copy=False)))
+    return torch.cat(parts)
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    """A resolved Config from a Flower run config (the experiment keys, dotted), and the app's own keys.
+
+    The app's own keys are ``run-dir`` (where to write the run folder; empty: nowhere) and
+    ``round-timeout`` (seconds to wait for a round's replies).
+    """
+    raw: dict[str, Any] = {}
+    own = {"run-dir": "", "round-timeout": 600.0}
+    for key, value in run_config.items():
+        if key in own:
+            own[key] = value
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return resolve(parse_config(raw)), own
+
+
+# --------------------------------------------------------------------------------------------
+# ClientApp
+# --------------------------------------------------------------------------------------------
+
+
+class _Client:
+    """What a ClientApp process builds once per experiment config."""
+
+    def __init__(self, config_toml: str) -> None:
+        self.config = resolve(parse_config(tomllib.loads(config_toml)))
+        self.data = build_data(self.config)
+        self.model = build_flat_model(self.config, self.data)
+        self.settings = local_settings(self.config)
+
+
+@functools.lru_cache(maxsize=2)
+def _client_for(config_toml: str) -> _Client:
+    threads = int(os.environ.get("FEDGMA_CLIENT_THREADS", "1"))
+    torch.set_num_threads(threads)  # several ClientApps share the machine's cores
+    return _Client(config_toml)
+
+
+def _partition_id(context: Context) -> int:
+    if PARTITION_KEY not in context.node_config:
+        raise ValueError(
+            f"this SuperNode has no {PARTITION_KEY!r} in its node config; start it with "
+            f"--node-config \"{PARTITION_KEY}=K num-partitions=N\""
+        )
+    return int(context.node_config[PARTITION_KEY])
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def _query(msg: Message, context: Context) -> Message:
+    """Tell the server which client (partition) this node is."""
+    return Message(RecordDict({"metrics": MetricRecord({PARTITION_KEY: _partition_id(context)})}), reply_to=msg)
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    """Local training of this node's client from the received global model (fedgma.client.train_client)."""
+    config_record = msg.content["config"]
+    client = _client_for(str(config_record[EXPERIMENT_KEY]))
+    client_id = _partition_id(context)
+    expected = config_record.get("client-id")
+    if expected is not None and int(expected) != client_id:
+        raise ValueError(f"message for client {expected} reached the node of client {client_id}")
+    if not 0 <= client_id < client.data.num_clients:
+        raise ValueError(f"partition-id {client_id} is outside the config's {client.data.num_clients} clients")
+    params = record_to_params(msg.content["arrays"], client.model)
+    round_index = int(config_record["server-round"])
+    seed = client.config.seed
+    result = train_client(
+        client.model, params, client.data.clients[client_id], client.settings,
+        torch_generator(seed, "client", round_index, client_id), client_id=client_id,
+    )
+    metrics = MetricRecord({
+        "num-examples": int(result.num_samples),
+        "train_loss": float(result.train_loss),
+        "num-steps": int(result.num_steps),
+        "client-id": int(client_id),
+    })
+    arrays = params_to_record(client.model, params + result.update)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@client_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the received model on this node's training partition."""
+    config_record = msg.content["config"]
+    client = _client_for(str(config_record[EXPERIMENT_KEY]))
+    client_id = _partition_id(context)
+    params = record_to_params(msg.content["arrays"], client.model)
+    result = evaluate(client.model, params, client.data.clients[client_id])
+    size = len(client.data.clients[client_id])
+    metrics = {"num-examples": size, "loss": result["loss"], "accuracy": result["accuracy"]}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# --------------------------------------------------------------------------------------------
+# The server side
+# --------------------------------------------------------------------------------------------
+
+
+class FedGMA(GMAMixin, FedAvg):
+    """The fedgma recipe of a config as a Flower strategy: fedgma's client sampling, GMA, server optimizer.
+
+    ``configure_train`` sends the clients :func:`fedgma.simulation.sample_clients` draws for the
+    round to the nodes holding those partitions (nodes that have gone are skipped, and the round
+    goes on with the rest if at least ``server.min_clients`` reply); ``aggregate_train`` folds the
+    replies into the configured aggregator (GMAMixin) and steps with the recipe's server optimizer.
+    """
+
+    def __init__(self, config: Config, model: FlatModel, connect_timeout: float = 120.0, **kwargs: Any) -> None:
+        server = config.server
+        super().__init__(
+            aggregator=server.aggregator, threshold=server.threshold, hard=server.hard,
+            weighted_agreement=server.weighted_agreement,
+            on_invalid=getattr(server, "on_bad_update", "fail"), min_replies=getattr(server, "min_clients", 1),
+            fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1, **kwargs,
+        )
+        self.config = config
+        self.model = model
+        self.config_toml = config_to_toml(config)
+        self.server_optimizer = make_server_optimizer_for(config.algorithm, server)
+        self.connect_timeout = connect_timeout
+        self.node_of_client: dict[int, int] | None = None
+        self.last_update_norm = 0.0
+        self.sampled: list[int] = []
+
+    def _discover(self, grid: Grid) -> dict[int, int]:
+        """Which node holds which client: wait for the nodes, then ask each (a Flower "query" message)."""
+        num_clients = self.config.data.num_clients
+        deadline = time.monotonic() + self.connect_timeout
+        while len(nodes := list(grid.get_node_ids())) < num_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of {num_clients} SuperNodes connected in {self.connect_timeout} s"
+                )
+            time.sleep(0.5)
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in nodes
+        ]
+        replies = StreamingGrid(grid, self.pull_interval).send_and_receive(messages, timeout=self.connect_timeout)
+        mapping: dict[int, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "node %s did not say which client it is: %s",
+                    reply.metadata.src_node_id, reply.error.reason)
+                continue
+            client_id = int(reply.content["metrics"][PARTITION_KEY])
+            if client_id in mapping:
+                raise ValueError(
+                    f"nodes {mapping[client_id]} and {reply.metadata.src_node_id} both hold client {client_id}"
+                )
+            mapping[client_id] = int(reply.metadata.src_node_id)
+        missing = sorted(set(range(num_clients)) - set(mapping))
+        if missing:
+            raise ValueError(
+                f"no connected SuperNode holds client(s) {missing[:10]} (partition-id in 0..{num_clients - 1})"
+            )
+        log(INFO, "fedgma: %d clients mapped to SuperNodes", len(mapping))
+        return mapping
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        self._global_arrays = arrays
+        if self.node_of_client is None:
+            self.node_of_client = self._discover(grid)
+        self.sampled = sample_clients(
+            self.config.seed, server_round, self.config.data.num_clients, self.config.server.clients_per_round
+        )
+        online = set(grid.get_node_ids())
+        messages = []
+        for client_id in self.sampled:
+            node = self.node_of_client[client_id]
+            if node not in online:
+                log(WARNING, "round %d: client %d (node %d) is no longer connected", server_round, client_id, node)
+                continue
+            content = ConfigRecord({
+                **config, "server-round": server_round, "client-id": client_id, EXPERIMENT_KEY: self.config_toml,
+            })
+            messages.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: content}),
+                                    dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
+        log(INFO, "configure_train: round %d, clients %s", server_round, self.sampled)
+        return messages
+
+    def _server_step(self, server_round: int, aggregated: dict[str, np.ndarray], fold: ReplyAggregator) -> ArrayRecord:
+        """θ ← server_optimizer.step(θ, −u) on the flat vector, as fedgma.simulation.run does."""
+        layers = self.model.layers
+        params = torch.cat([fold.reference[layer.name] for layer in layers])
+        update = torch.cat([fold.updates[layer.name] for layer in layers])
+        params = self.server_optimizer.step(params, -update)
+        if not bool(torch.isfinite(params).all()):
+            raise FloatingPointError(
+                f"round {server_round}: the global model became non-finite; lower client.lr or server.lr"
+            )
+        self.last_update_norm = float(update.norm())
+        return params_to_record(self.model, params)
+
+
+def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool = False,
+          round_timeout: float = 600.0) -> dict[str, Any]:
+    """The ServerApp's work: run ``config`` on the nodes of ``grid``; write the run folder; return the summary.
+
+    The run folder has the files :func:`fedgma.simulation.run` writes (``config.toml``,
+    ``partition.json``, ``rounds.jsonl``, ``metrics.jsonl``, ``summary.json`` last,
+    ``final_model.pt``), with ``"engine": "flower"`` in the summary.
+    """
+    from fedgma import simulation
+
+    check_supported(config)
+    start_time = time.perf_counter()
+    out = Path(run_dir) if run_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)
+        (out / "config.toml").write_text(config_to_toml(config))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data = build_data(config)
+    model = build_flat_model(config, data)
+    params = model.params.clone()
+    initial = simulation._evaluate_all(model, params, data)
+    strategy = FedGMA(config, model)
+    history: list[dict[str, Any]] = []
+    state = {"total_steps": 0, "round_start": time.perf_counter()}
+    logs = {}
+    if out is not None:
+        (out / "partition.json").write_text(json.dumps(data.statistics))
+        logs = {name: open(out / f"{name}.jsonl", "w", buffering=1) for name in ("rounds", "metrics")}  # noqa: SIM115
+    bar = simulation._progress(config.rounds, progress)
+
+    def write(name: str, record: dict[str, Any]) -> None:
+        if name in logs:
+            logs[name].write(json.dumps(record) + "\n")
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        last = strategy.last_round if strategy.last_round.get("round") == server_round else {}
+        replies = [_Reply(m) for m in last.get("metrics", [])]
+        stats = dict(last.get("stats", {}))
+        stats.pop("num_clients", None)
+        stats.pop("num_dropped", None)
+        steps = sum(r.num_steps for r in replies)
+        state["total_steps"] += steps
+        round_record = {
+            "round": server_round,
+            "clients": strategy.sampled,
+            "train_loss": mean_train_loss(replies),
+            "local_steps": steps,
+            "update_norm": strategy.last_update_norm if stats else 0.0,
+            **({} if stats else {"skipped": True}),
+            **stats,
+            **({"dropped": {node: why for node, why in last["dropped"]}} if last.get("dropped") else {}),
+            "round_s": time.perf_counter() - state["round_start"],
+        }
+        write("rounds", round_record)
+        state["round_start"] = time.perf_counter()
+        if server_round % config.eval_every and server_round != config.rounds:
+            bar.update(server_round)
+            return None
+        current = record_to_params(arrays, model)
+        record = {
+            "round": server_round,
+            **simulation._evaluate_all(model, current, data),
+            "train_loss": round_record["train_loss"],
+            "total_local_steps": state["total_steps"],
+            **{k: v for k, v in stats.items() if isinstance(v, float)},
+            "elapsed_s": time.perf_counter() - start_time,
+        }
+        write("metrics", record)
+        history.append(record)
+        bar.update(server_round, record)
+        if server_round == config.rounds:
+            state["final"] = current
+        return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float)) and "/" not in k})
+
+    try:
+        strategy.start(grid, params_to_record(model, params), num_rounds=config.rounds, timeout=round_timeout,
+                       train_config=ConfigRecord(), evaluate_fn=after_round)
+    finally:
+        bar.close()
+        for handle in logs.values():
+            handle.close()
+    summary = simulation._summary(config, history, state["total_steps"], time.perf_counter() - start_time)
+    summary["initial"] = initial
+    summary["engine"] = "flower"
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        torch.save({"round": config.rounds, "params": state.get("final", params).cpu()}, out / "final_model.pt")
+    return summary
+
+
+class _Reply:
+    """The few fields of a reply's metrics that :func:`fedgma.client.mean_train_loss` reads."""
+
+    def __init__(self, metrics: MetricRecord) -> None:
+        self.num_steps = int(metrics.get("num-steps", 0))
+        self.train_loss = float(metrics.get("train_loss", 0.0))
+
+
+def make_server_app(config: Config, run_dir: str | Path | None, progress: bool = False,
+                    round_timeout: float = 600.0) -> ServerApp:
+    """A ServerApp that runs ``config`` (for ``run_simulation`` from Python)."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        serve(grid, config, run_dir, progress, round_timeout)
+
+    return app
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    """``flwr run``: the experiment is the app's run config ([tool.flwr.app.config], --run-config)."""
+    config, own = config_from_run_config(dict(context.run_config))
+    serve(grid, config, own["run-dir"] or None, False, float(own["round-timeout"]))
+
+
+def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_cpus: int | None = None,
+               client_cpus: float = 1.0) -> dict[str, Any]:
+    """Run ``config`` on Flower's simulation engine (Ray), one virtual SuperNode per client; return the summary.
+
+    Writes the same run folder as :func:`fedgma.simulation.run`. ``num_cpus`` caps the CPUs Ray
+    may use (default: all), ``client_cpus`` is what one ClientApp reserves.
+    """
+    from flwr.simulation import run_simulation
+
+    check_supported(config)
+    backend_config = {
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "log_to_driver": False, "logging_level": "ERROR"},
+    }
+    run_simulation(
+        server_app=make_server_app(config, run_dir, progress),
+        client_app=client_app,
+        num_supernodes=config.data.num_clients,
+        backend_name="ray",
+        backend_config=backend_config,
+    )
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the Flower simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())
