@@ -64,31 +64,50 @@ def _default_run_dir(config: Any) -> Path:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(file_okay=False),
               help="Continue an interrupted run from its newest good checkpoint (no CONFIG needed).")
+@click.option("--engine", type=click.Choice(["fedgma", "flower"]),
+              help="Shortcut for --set engine=...; flower: Flower's simulation engine (pip install 'fedgma[flower]').")
 @_user_errors
 def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, device: str | None, quiet: bool,
-        resume_dir: str | None) -> None:
+        resume_dir: str | None, engine: str | None = None) -> None:
     """Run one experiment from a TOML config, or --resume an interrupted one."""
     from fedgma.config import ConfigError, load_config
     from fedgma.simulation import run as simulate
 
     if resume_dir is not None:
-        if config_path or overrides or out or device:
-            raise ConfigError("--resume RUN_DIR uses the run's own config.toml: give no CONFIG, --set, --out, --device")
+        if config_path or overrides or out or device or engine:
+            raise ConfigError(
+                "--resume RUN_DIR uses the run's own config.toml: give no CONFIG, --set, --out, --device, --engine"
+            )
         run_dir = Path(resume_dir)
         summary = simulate(_run_config(run_dir), run_dir, progress=not quiet, resume=True)
     elif config_path is None:
         raise ConfigError("give a CONFIG file to run, or --resume RUN_DIR to continue a run")
     else:
         overrides = (*overrides, f"device={device}") if device else overrides
+        overrides = (*overrides, f"engine={engine}") if engine else overrides
         config = load_config(config_path, list(overrides))
         run_dir = Path(out) if out else _default_run_dir(config)
-        summary = simulate(config, run_dir, progress=not quiet)
+        if config.engine == "flower":
+            summary = _run_on_flower(config, run_dir, progress=not quiet)
+        else:
+            summary = simulate(config, run_dir, progress=not quiet)
     final = summary["final"]
     click.echo(
         f"{run_dir}: final test accuracy {final['test_accuracy']:.4f} "
         f"(best {summary['best']['test_accuracy']:.4f} at round {summary['best']['round']}), "
         f"{summary['wall_s']:.1f} s"
     )
+
+
+def _run_on_flower(config: Any, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """``engine = "flower"``: the same experiment on Flower's simulation engine (fedgma.flower.app)."""
+    from fedgma.config import ConfigError
+
+    try:
+        from fedgma.flower.app import run_flower
+    except ImportError as error:
+        raise ConfigError(f"config key 'engine': 'flower' needs the Flower extra: {error}") from None
+    return run_flower(config, run_dir, progress=progress)
 
 
 def _run_config(run_dir: Path) -> Any:

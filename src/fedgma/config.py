@@ -133,6 +133,7 @@ class Config(_Section):
     algorithm: str = "fedavg"
     device: str = "cpu"
     backend: str = "sequential"
+    engine: Literal["fedgma", "flower"] = "fedgma"  # flower: Flower's simulation engine (fedgma[flower])
     threads: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=0)  # rounds between checkpoints; 0: never
     data: DataConfig = Field(default_factory=DataConfig)
