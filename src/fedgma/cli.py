@@ -173,6 +173,30 @@ def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], 
         click.echo(f"sweep: {failed}", err=True)
         sys.exit(1)
 
+@main.command()
+@click.argument("runs_dir", metavar="RUNS_DIR", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUNS_DIR/report).")
+@click.option("--target-fraction", default=0.95, show_default=True,
+              help="Rounds-to-target: target = this × plain averaging's final test accuracy (same setting).")
+@click.option("--target", type=float, help="An absolute target accuracy for every row instead (e.g. 0.8).")
+@_user_errors
+def report(runs_dir: str, out: str | None, target_fraction: float, target: float | None) -> None:
+    """Tables (Markdown, CSV) and plots from the run folders under RUNS_DIR.
+
+    Writes summary.md/.csv (final and best accuracy, mean ± std over seeds, rounds to a target),
+    gains.md/.csv (GMA − mean per setting and algorithm, paired by seed, with a 95% interval),
+    plots/ (accuracy vs round, GMA mask statistics, τ sweeps, gains) and report.md. Where runs differ
+    only in server.lr, the lr with the best final validation accuracy is the one compared.
+    """
+    from fedgma.report import gains_markdown, write_report
+
+    result = write_report(runs_dir, out, target_fraction, target)
+    click.echo(f"report: {len(result['rows'])} configurations, {len(result['figures'])} plots, "
+               f"{len(result['diverged'])} diverged runs -> {result['out']}/report.md")
+    if result["gains"]:
+        click.echo(gains_markdown(result["gains"]))
+
+
 def _print_table(runs: list[Any]) -> None:
     from rich.console import Console
     from rich.table import Table

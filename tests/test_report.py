@@ -1,0 +1,184 @@
+"""Reports: the table's numbers against the run folders, GMA's paired gain, server-lr selection on
+validation (never test), rounds to target, plots, and the `fedgma report` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import tomli_w
+from click.testing import CliRunner
+
+from fedgma.cli import main
+from fedgma.report import (
+    find_runs,
+    gain_rows,
+    make_groups,
+    rounds_to_target,
+    select_server_lr,
+    t_quantile,
+    table_rows,
+    write_report,
+)
+from fedgma.sweep import parse_grid, plan_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "configs" / "paper" / "fmnist.toml"
+TINY = [
+    "data.dataset=digits", "data.num_clients=6", "server.clients_per_round=3", "rounds=4", "eval_every=2",
+    "client.local_steps=3", "client.lr=0.05", "data.validation_fraction=0.1",
+]
+
+
+def fake_run(folder: Path, *, algorithm: str = "fedavg", aggregator: str = "mean", seed: int = 0, lr: float = 1.0,
+             threshold: float = 0.4, curve: list[float], validation: float | None = None) -> Path:
+    """A run folder written by hand: test accuracy ``curve`` at rounds 10, 20, ...; summary from it."""
+    folder.mkdir(parents=True)
+    config = {"name": "fake", "seed": seed, "algorithm": algorithm,
+              "server": {"aggregator": aggregator, "lr": lr, "threshold": threshold}, "data": {"alpha": 0.1}}
+    (folder / "config.toml").write_text(tomli_w.dumps(config))
+    metrics = []
+    for i, accuracy in enumerate(curve, 1):
+        record = {"round": 10 * i, "test_accuracy": accuracy}
+        if validation is not None:
+            record["validation_accuracy"] = validation
+        metrics.append(record)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    rounds = [{"round": r, "mask_density": 0.5, "mask_pass_fraction": 0.4, "agreement_mean": 0.3,
+               "agreement_histogram": [1] * 10, "mask_density/w": 0.5, "agreement_histogram/w": [1] * 10}
+              for r in range(1, 10 * len(curve) + 1)] if aggregator == "gma" else []
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    final = {"round": metrics[-1]["round"], "test_accuracy": curve[-1]}
+    if validation is not None:
+        final["validation_accuracy"] = validation
+    best = max(metrics, key=lambda m: m["test_accuracy"])
+    summary = {"algorithm": algorithm, "aggregator": aggregator, "seed": seed, "final": final,
+               "best": {"round": best["round"], "test_accuracy": best["test_accuracy"]}, "wall_s": 1.0}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sweep on digits: fedavg × {mean, gma} × 3 seeds."""
+    root = tmp_path_factory.mktemp("runs")
+    run_sweep(plan_sweep(PAPER, [parse_grid("server.aggregator=mean,gma")], 3, root / "dir", TINY))
+    return root
+
+
+def test_table_matches_the_run_folders(real_runs: Path, tmp_path: Path) -> None:
+    result = write_report(real_runs, tmp_path)
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in real_runs.rglob("summary.json")}
+    assert len(summaries) == 6
+    for row in result["rows"]:
+        mine = [s for name, s in summaries.items() if name.startswith(f"aggregator={row['aggregator']}_")]
+        final = [s["final"]["test_accuracy"] for s in mine]
+        best = [s["best"]["test_accuracy"] for s in mine]
+        validation = [s["final"]["validation_accuracy"] for s in mine]
+        assert row["seeds"] == 3 and row["setting"] == "dir"
+        assert row["final_test_accuracy"] == pytest.approx((statistics.fmean(final), statistics.stdev(final)))
+        assert row["best_test_accuracy"] == pytest.approx((statistics.fmean(best), statistics.stdev(best)))
+        assert row["final_validation_accuracy"] == pytest.approx(
+            (statistics.fmean(validation), statistics.stdev(validation)))
+    # the CSV holds the same numbers
+    with open(tmp_path / "summary.csv") as handle:
+        table = {r["aggregator"]: r for r in csv.DictReader(handle)}
+    for row in result["rows"]:
+        assert float(table[row["aggregator"]]["final_test_accuracy_mean"]) == pytest.approx(
+            row["final_test_accuracy"][0])
+    # the gain is gma − mean paired by seed
+    by_seed = {(s["aggregator"], s["seed"]): s["final"]["test_accuracy"] for s in summaries.values()}
+    diffs = [by_seed[("gma", k)] - by_seed[("mean", k)] for k in range(3)]
+    (gain,) = result["gains"]
+    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx(diffs)
+    assert gain["gain_test_accuracy"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.303 * statistics.stdev(diffs) / 3**0.5)
+    markdown = (tmp_path / "summary.md").read_text()
+    mean_row = next(r for r in result["rows"] if r["aggregator"] == "mean")
+    assert f"{100 * mean_row['final_test_accuracy'][0]:.2f} ± {100 * mean_row['final_test_accuracy'][1]:.2f}" \
+        in markdown
+    for name in ("report.md", "gains.md", "gains.csv", "plots/curves_dir.png", "plots/mask_dir.png",
+                 "plots/gains.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "plots" / "curves_dir.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_folder_names_in_different_settings_are_not_mixed(tmp_path: Path) -> None:
+    fake_run(tmp_path / "a" / "aggregator=mean_seed0", curve=[0.5, 0.6])
+    fake_run(tmp_path / "b" / "aggregator=mean_seed0", curve=[0.7, 0.8])
+    rows = table_rows(make_groups(find_runs(tmp_path)))
+    assert {(r["setting"], r["seeds"], r["final_test_accuracy"][0]) for r in rows} == {("a", 1, 0.6), ("b", 1, 0.8)}
+
+
+def test_server_lr_is_selected_on_validation_never_on_test(tmp_path: Path) -> None:
+    # lr 2 has the better *test* accuracy but the worse validation accuracy: lr 1 must be chosen
+    for seed in (0, 1):
+        fake_run(tmp_path / "t" / f"aggregator=mean_lr=1_seed{seed}", lr=1.0, seed=seed, curve=[0.6], validation=0.7)
+        fake_run(tmp_path / "t" / f"aggregator=mean_lr=2_seed{seed}", lr=2.0, seed=seed, curve=[0.9], validation=0.5)
+        fake_run(tmp_path / "t" / f"aggregator=gma_lr=1_seed{seed}", aggregator="gma", lr=1.0, seed=seed,
+                 curve=[0.5], validation=0.4)
+        fake_run(tmp_path / "t" / f"aggregator=gma_lr=2_seed{seed}", aggregator="gma", lr=2.0, seed=seed,
+                 curve=[0.65 + 0.01 * seed], validation=0.6)
+    chosen = select_server_lr(tmp_path)
+    assert chosen[("fedavg", "mean")]["lr"] == 1.0 and chosen[("fedavg", "gma")]["lr"] == 2.0
+    groups = make_groups(find_runs(tmp_path))
+    assert {(g.aggregator, g.server_lr) for g in groups if g.selected} == {("mean", 1.0), ("gma", 2.0)}
+    (gain,) = gain_rows(groups)
+    assert (gain["lr_mean"], gain["lr_gma"]) == (1.0, 2.0)
+    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx([0.05, 0.06])
+    assert gain["verdict"] == "within noise"  # two seeds: 0.055 ± 12.706 · 0.00707 / √2 includes 0
+
+
+def test_verdict_follows_the_t_interval(tmp_path: Path) -> None:
+    # diffs +0.02, +0.03, +0.04: mean 0.03, std 0.01, half-width 4.303·0.01/√3 = 0.0248 → excludes 0
+    for seed, gma_final in enumerate([0.62, 0.63, 0.64]):
+        fake_run(tmp_path / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.6])
+        fake_run(tmp_path / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[gma_final])
+    (gain,) = gain_rows(make_groups(find_runs(tmp_path)))
+    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.303 * 0.01 / 3**0.5)
+    assert gain["verdict"] == "gma better"
+    # a gain of the same size with noise three times larger does not exclude 0
+    noisy = tmp_path / "noisy"
+    for seed, gma_final in enumerate([0.60, 0.63, 0.66]):
+        fake_run(noisy / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.6])
+        fake_run(noisy / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[gma_final])
+    (gain,) = gain_rows(make_groups(find_runs(noisy)))
+    assert gain["verdict"] == "within noise"
+
+
+def test_rounds_to_target_uses_plain_averaging_final_accuracy(tmp_path: Path) -> None:
+    fake_run(tmp_path / "s" / "aggregator=mean_seed0", curve=[0.3, 0.5, 0.8, 1.0])
+    fake_run(tmp_path / "s" / "aggregator=gma_seed0", aggregator="gma", curve=[0.96, 0.97, 0.98, 0.99])
+    rows = {r["aggregator"]: r for r in table_rows(make_groups(find_runs(tmp_path)), target_fraction=0.8)}
+    assert rows["mean"]["target"] == rows["gma"]["target"] == pytest.approx(0.8)
+    assert rows["mean"]["rounds_to_target"] == 30 and rows["gma"]["rounds_to_target"] == 10
+    assert rounds_to_target([{"round": 5, "test_accuracy": 0.1}], 0.5) is None
+    absolute = table_rows(make_groups(find_runs(tmp_path)), target=0.99)
+    assert {r["aggregator"]: r["rounds_to_target"] for r in absolute} == {"mean": 40, "gma": 40}
+
+
+def test_tau_sweep_gets_its_own_plot(tmp_path: Path) -> None:
+    for tau in (0.0, 0.4, 0.8):
+        fake_run(tmp_path / "tau" / f"threshold={tau}_seed0", aggregator="gma", threshold=tau, curve=[0.5 + tau / 10])
+    result = write_report(tmp_path, tmp_path / "out")
+    assert (tmp_path / "out" / "plots" / "tau_tau_fedavg.png").is_file()
+    assert [r["threshold"] for r in result["rows"]] == [0.0, 0.4, 0.8]
+
+
+def test_t_quantile() -> None:
+    assert t_quantile(2) == 4.303 and t_quantile(22) == 2.086 and t_quantile(100) == 1.96
+    assert t_quantile(0) != t_quantile(0)  # nan
+
+
+def test_cli_report_writes_tables_and_rejects_an_empty_folder(real_runs: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["report", str(real_runs), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "Δ final test" in result.output and (tmp_path / "r" / "summary.md").is_file()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no finished runs" in result.output
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
