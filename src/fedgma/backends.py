@@ -3,8 +3,14 @@
 A backend takes the global parameters and the round's client ids and yields one
 :class:`~fedgma.client.ClientResult` per client. Every backend replays the same local steps
 (``batch_schedule`` seeded from (seed, round, client)), so they agree to float tolerance and the
-choice is a matter of speed only. ``sequential`` trains one client after another, reusing one
-model whose parameters and gradients are flat vectors.
+choice is a matter of speed only:
+
+* ``sequential`` trains one client after another, reusing one model whose parameters and
+  gradients are flat vectors: the reference;
+* ``vectorized`` (:mod:`fedgma.vectorized`) trains many clients at once as one batched
+  computation (options ``max_clients``, ``method``);
+* ``multiprocess`` (:mod:`fedgma.multiprocess`) trains clients in parallel worker processes,
+  one core each (options ``workers``, ``threads``).
 """
 
 from __future__ import annotations
@@ -54,7 +60,23 @@ class SequentialBackend:
         pass
 
 
-_BACKENDS: dict[str, Callable[..., Backend]] = {"sequential": SequentialBackend}
+def _vectorized(**kwargs: Any) -> Backend:
+    from fedgma.vectorized import VectorizedBackend
+
+    return VectorizedBackend(**kwargs)
+
+
+def _multiprocess(**kwargs: Any) -> Backend:
+    from fedgma.multiprocess import MultiprocessBackend
+
+    return MultiprocessBackend(**kwargs)
+
+
+_BACKENDS: dict[str, Callable[..., Backend]] = {
+    "sequential": SequentialBackend,
+    "vectorized": _vectorized,
+    "multiprocess": _multiprocess,
+}
 
 
 def register_backend(name: str, factory: Callable[..., Backend]) -> None:
