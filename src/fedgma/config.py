@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 import fedgma.robust  # noqa: F401  (registers the robust aggregators: median, trimmed_mean)
 from fedgma.aggregation import available_aggregators
@@ -32,14 +40,56 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DomainsConfig(_Section):
+    """Feature skew (``[data.domains]``): per-client input domains and held-out test domains.
+
+    ``kind`` says what a plain value in ``train`` / ``test`` means: an angle (rotation), a noise σ
+    (noise), a contrast factor, a brightness offset, or an [r, g, b] tint; any entry may instead be
+    a table of :class:`fedgma.data.domains.Domain` fields (``custom`` takes only tables). ``sigma``
+    gives NIID-Bench's noise skew: client i of N gets noise σ·i/N. See docs/HETEROGENEITY.md.
+    """
+
+    kind: Literal["none", "rotation", "noise", "contrast", "brightness", "tint", "custom"] = "none"
+    train: list[Any] = Field(default_factory=list)  # one domain per entry, dealt to clients by `assignment`
+    test: list[Any] = Field(default_factory=list)  # held-out test domains: metrics ood/<name>_accuracy
+    assignment: Literal["contiguous", "round_robin", "random"] = "contiguous"
+    sigma: float | None = Field(None, ge=0, allow_inf_nan=False)  # noise only: client i of N gets σ·i/N
+
+    @model_validator(mode="after")
+    def _valid_domains(self) -> DomainsConfig:
+        from fedgma.data.federated import make_domains
+
+        if self.kind == "none":
+            if self.train or self.test or self.sigma is not None:
+                raise ValueError("set kind (rotation, noise, contrast, brightness, tint, custom) to use domains")
+            return self
+        if self.sigma is not None and (self.kind != "noise" or self.train):
+            raise ValueError("sigma (NIID-Bench per-client noise σ·i/N) needs kind = 'noise' and no train list")
+        if self.sigma is None and not self.train:
+            raise ValueError(f"kind {self.kind!r} needs a list of training domains, e.g. train = [0, 15, 30, 45]")
+        make_domains(self.kind, self.train, "data.domains.train")
+        names = [d.name for d in make_domains(self.kind, self.test, "data.domains.test")]
+        if len(set(names)) != len(names):
+            raise ValueError(f"held-out test domains need distinct names, got {names}")
+        return self
+
+
 class DataConfig(_Section):
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = False
-    partition: str = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
-    num_clients: int = Field(100, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)  # [data.options]: passed to the dataset's loader
+    partition: str = "dirichlet"  # iid | dirichlet | shards | quantity | quantity-label | natural
+    alpha: float = Field(0.5, gt=0)  # Dirichlet label skew (dirichlet, quantity-label)
+    classes_per_client: int = Field(2, ge=1)  # shards: classes per client (NIID-Bench #label k)
+    beta: float | None = Field(None, gt=0, allow_inf_nan=False)  # quantity skew: Dirichlet(β) client shares
+    sigma: float | None = Field(None, gt=0, allow_inf_nan=False)  # quantity skew: log-normal(0, σ) sizes
+    num_clients: int = Field(100, ge=1)  # clients that train
+    holdout_clients: int = Field(0, ge=0)  # further clients of the same partition used only for testing
     min_size: int = Field(10, ge=0)
+    train_subset: int | None = Field(None, ge=1)  # keep a fixed random subset of the training records
+    test_subset: int | None = Field(None, ge=1)  # … and of the test records
+    domains: DomainsConfig = Field(default_factory=DomainsConfig)
     # fraction of every client's training records held out as one validation set (for tuning; 0: none)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
 
@@ -56,6 +106,24 @@ class DataConfig(_Section):
         from fedgma.data.federated import available_partitions
 
         return _one_of(value, available_partitions())
+
+    @field_validator("options")
+    @classmethod
+    def _loader_takes_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from fedgma.data.federated import check_dataset_options
+
+        if "dataset" in info.data:
+            check_dataset_options(info.data["dataset"], value)
+        return value
+
+    @model_validator(mode="after")
+    def _quantity_skew(self) -> DataConfig:
+        if self.partition in ("quantity", "quantity-label") and (self.beta is None) == (self.sigma is None):
+            raise ValueError(
+                f"partition {self.partition!r} needs exactly one of data.beta (Dirichlet(β) client shares, "
+                "NIID-Bench) or data.sigma (log-normal(0, σ) client sizes)"
+            )
+        return self
 
 
 class ModelConfig(_Section):
@@ -244,6 +312,9 @@ def parse_value(text: str) -> Any:
         return text  # a bare string, e.g. server.aggregator=mean
 
 
+_FREE_TABLES = ("data.options.",)  # tables whose keys belong to someone else (the dataset's loader)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as TOML, else taken as strings) to a raw dict."""
     known = _known_keys(Config)
@@ -252,7 +323,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r} must look like key=value, e.g. server.aggregator=mean")
         key, text = item.split("=", 1)
         key = key.strip()
-        if key not in known:
+        if key not in known and not key.startswith(_FREE_TABLES):  # e.g. data.options.alpha=0.5
             raise ConfigError(_unknown_key(tuple(key.split("."))))
         node = raw
         *parents, leaf = key.split(".")

@@ -37,6 +37,7 @@ from fedgma.data.arrays import ArrayDataset
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
 from fedgma.faults import NO_REPLY, attack_update, label_flip_clients, poison_labels, round_faults
 from fedgma.models import FlatModel, build_model
+from fedgma.plots import write_partition_files
 from fedgma.robust import update_problem, with_clipping
 from fedgma.seeding import numpy_rng, torch_generator
 
@@ -80,12 +81,31 @@ def evaluate(model: FlatModel, params: Tensor, data: ArrayDataset, batch_size: i
 
 
 def _evaluate_all(model: FlatModel, params: Tensor, data: FederatedDataset) -> dict[str, float]:
+    """Every test metric of a run: the global test set, each extra test set, their OOD mean, held-out clients.
+
+    ``test_*`` is in-distribution (for feature skew the test set is transformed like the training
+    domains); ``ood/<domain>_*`` are the held-out domains and ``ood_accuracy`` / ``ood_loss`` their
+    mean; ``holdout_mean_accuracy`` and ``holdout_worst10_accuracy`` (mean over the worst 10% of
+    the held-out clients, at least one; q-FFL's "worst 10%", Li et al. 2020) cover
+    ``data.holdout_clients``.
+    """
     result = evaluate(model, params, data.test)
     metrics = {"test_accuracy": result["accuracy"], "test_loss": result["loss"]}
+    ood = []
     for name, extra in data.extra_tests.items():
         extra_result = evaluate(model, params, extra)
         metrics[f"{name}_accuracy"] = extra_result["accuracy"]
         metrics[f"{name}_loss"] = extra_result["loss"]
+        if name.startswith("ood/"):
+            ood.append(extra_result)
+    if ood:
+        metrics["ood_accuracy"] = sum(r["accuracy"] for r in ood) / len(ood)
+        metrics["ood_loss"] = sum(r["loss"] for r in ood) / len(ood)
+    if data.holdout_clients:
+        accuracies = sorted(evaluate(model, params, c)["accuracy"] for c in data.holdout_clients)
+        worst = accuracies[: max(1, len(accuracies) // 10)]
+        metrics["holdout_mean_accuracy"] = sum(accuracies) / len(accuracies)
+        metrics["holdout_worst10_accuracy"] = sum(worst) / len(worst)
     return metrics
 
 
@@ -138,7 +158,7 @@ def run(
     data = data or build_federated(config.data, seed)
     if config.data.validation_fraction and "validation" not in data.extra_tests:
         data = hold_out_validation(data, config.data.validation_fraction, seed)  # reported as validation_*
-    (run_dir / "partition.json").write_text(json.dumps(data.statistics))
+    write_partition_files(run_dir, data.statistics)  # partition.json, partition_heatmap.png, client_sizes.png
     poisoned = label_flip_clients(config.faults.label_flip, seed, data.num_clients)  # [faults] label_flip
     if poisoned:
         data = poison_labels(data, poisoned)
