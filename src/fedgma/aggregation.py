@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +80,74 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
+# Updates are folded in over chunks of the flat vector: each chunk of an update is read from memory
+# once and its weighted add and sign add then run on the cached chunk, and the sign of a chunk goes
+# to a chunk-sized scratch buffer instead of a d-sized one. A chunk is no larger than ATen's grain
+# size (32768 elements), so every chunk operation runs on one thread, whatever the thread count:
+# the result does not depend on it, and the streaming and list forms (same chunk boundaries, same
+# per-element operations in the same client order) give bit-identical numbers. Large vectors are
+# split into contiguous runs of chunks, one per intra-op thread, run from a small thread pool.
+CHUNK = 32768
+_MIN_CHUNKS_PER_THREAD = 8
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:  # noqa: SLF001
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedgma-aggregation")
+        return _POOL
+
+
+def _all_finite(update: Tensor) -> bool:
+    """Whether every entry is finite: one reduction, no d-sized temporary (exact check only if the sum is not)."""
+    total = float(update.sum())
+    if math.isfinite(total):
+        return True  # a NaN or ±inf entry always makes the sum non-finite
+    return bool(torch.isfinite(update).all())  # the sum may have overflowed from finite entries
+
+
+def _fold_into(
+    weighted_sum: Tensor,
+    sign_sum: Tensor | None,
+    updates: Sequence[Tensor],
+    weights: Sequence[float],
+    sign_weights: Sequence[float],
+) -> None:
+    """``weighted_sum += Σ_k w_k Δ_k`` and ``sign_sum += Σ_k s_k sign(Δ_k)``, chunk by chunk."""
+    numel = weighted_sum.numel()
+    starts = list(range(0, numel, CHUNK))
+
+    def run(first: int, last: int) -> None:
+        buffer = None if sign_sum is None else torch.empty(min(CHUNK, numel), dtype=sign_sum.dtype,
+                                                          device=sign_sum.device)
+        for start in starts[first:last]:
+            end = min(start + CHUNK, numel)
+            total = weighted_sum[start:end]
+            if sign_sum is None:
+                for update, w in zip(updates, weights, strict=True):
+                    total.add_(update[start:end], alpha=w)
+                continue
+            signs = sign_sum[start:end]
+            scratch = buffer[: end - start]  # type: ignore[index]
+            for update, w, sw in zip(updates, weights, sign_weights, strict=True):
+                chunk = update[start:end]
+                total.add_(chunk, alpha=w)
+                torch.sign(chunk, out=scratch)
+                signs.add_(scratch, alpha=sw)
+
+    threads = min(torch.get_num_threads(), len(starts) // _MIN_CHUNKS_PER_THREAD)
+    if threads <= 1 or weighted_sum.device.type != "cpu":
+        run(0, len(starts))
+        return
+    bounds = [len(starts) * i // threads for i in range(threads + 1)]
+    futures = [_thread_pool(threads).submit(run, bounds[i], bounds[i + 1]) for i in range(threads)]
+    for future in futures:
+        future.result()
+
+
 class _Accumulator:
     """Shared bookkeeping of the streaming rules: shape/dtype checks, weights, client count."""
 
@@ -88,8 +158,9 @@ class _Accumulator:
         self._shape: torch.Size | None = None
         self._dtype: torch.dtype | None = None
 
-    def _admit(self, update: Tensor, weight: float) -> float:
+    def _admit(self, update: Tensor, weight: float, check_finite: bool | None = None) -> float:
         index = self.count
+        check_finite = self.check_finite if check_finite is None else check_finite
         if not isinstance(update, Tensor):
             raise ValueError(f"client {index}: update must be a torch.Tensor, got {type(update).__name__}")
         if update.dim() != 1:
@@ -108,7 +179,7 @@ class _Accumulator:
             )
         elif update.dtype != self._dtype:
             raise ValueError(f"client {index}: update has dtype {update.dtype}, expected {self._dtype}")
-        if self.check_finite and not bool(torch.isfinite(update).all()):
+        if check_finite and not _all_finite(update):
             raise ValueError(f"client {index}: update contains NaN or infinite values")
         w = _check_weight(weight, index)
         self.count += 1
@@ -140,11 +211,13 @@ class MeanAggregator(_Accumulator):
         w = self._admit(update, weight)
         if self._weighted_sum is None:
             self._weighted_sum = torch.zeros_like(update)
-        self._weighted_sum.add_(update, alpha=w)
+        _fold_into(self._weighted_sum, None, [update], [w], [1.0])
 
-    def average(self) -> Tensor:
+    def average(self, _consume: bool = False) -> Tensor:
         self._check_ready()
         assert self._weighted_sum is not None
+        if _consume:  # the one-shot functions: divide in place, the aggregator is discarded
+            return self._weighted_sum.div_(self.total_weight)
         return self._weighted_sum / self.total_weight
 
     def result(self) -> tuple[Tensor, dict[str, Any]]:
@@ -168,13 +241,13 @@ def gma_mask(agreement: Tensor, threshold: float, hard: bool = False) -> Tensor:
     threshold = _check_threshold(threshold)
     below = agreement < threshold
     if hard:
-        return torch.where(below, torch.zeros_like(agreement), torch.ones_like(agreement))
-    return torch.where(below, agreement, torch.ones_like(agreement))
+        return torch.where(below, 0.0, 1.0).to(agreement.dtype)
+    return torch.where(below, agreement, 1.0)
 
 
 def sign_agreement(sign_sum: Tensor, normaliser: float) -> Tensor:
     """Per-coordinate sign agreement A = |Σ_k s_k sign(Δ_k)| / Σ_k s_k, in [0, 1]."""
-    return sign_sum.abs().div_(normaliser).clamp_(max=1.0)
+    return sign_sum.abs().div_(normaliser).clamp_(max=1.0)  # abs() copies: sign_sum is left as it was
 
 
 class GMAAggregator(_Accumulator):
@@ -203,34 +276,38 @@ class GMAAggregator(_Accumulator):
         self.layers = list(layers) if layers is not None else None
         self._weighted_sum: Tensor | None = None
         self._sign_sum: Tensor | None = None
-        self._sign_buffer: Tensor | None = None
 
     def add(self, update: Tensor, weight: float = 1.0) -> None:
         w = self._admit(update, weight)
         if self._weighted_sum is None:
             self._weighted_sum = torch.zeros_like(update)
             self._sign_sum = torch.zeros_like(update)
-            self._sign_buffer = torch.empty_like(update)
-        assert self._sign_sum is not None and self._sign_buffer is not None
-        self._weighted_sum.add_(update, alpha=w)
-        torch.sign(update, out=self._sign_buffer)
-        self._sign_sum.add_(self._sign_buffer, alpha=w if self.weighted_agreement else 1.0)
+        _fold_into(self._weighted_sum, self._sign_sum, [update], [w], [w if self.weighted_agreement else 1.0])
 
-    def agreement(self) -> Tensor:
+    def agreement(self, _consume: bool = False) -> Tensor:
         """Per-coordinate sign agreement A in [0, 1] of the updates added so far."""
         self._check_ready()
         assert self._sign_sum is not None
         normaliser = self.total_weight if self.weighted_agreement else float(self.count)
-        return sign_agreement(self._sign_sum.clone(), normaliser)
+        if _consume:  # A computed in place in the sign sum (the same operations as sign_agreement)
+            return self._sign_sum.abs_().div_(normaliser).clamp_(max=1.0)
+        return sign_agreement(self._sign_sum, normaliser)
 
-    def result(self) -> tuple[Tensor, dict[str, Any]]:
+    def result(self, _consume: bool = False) -> tuple[Tensor, dict[str, Any]]:
+        # Order chosen for peak memory: the statistics' temporaries exist before the average does,
+        # and the one-shot functions (_consume) reuse the two running sums for A and the average.
         self._check_ready()
         assert self._weighted_sum is not None
-        average = self._weighted_sum / self.total_weight
-        agreement = self.agreement()
+        agreement = self.agreement(_consume)
         mask = gma_mask(agreement, self.threshold, self.hard)
-        self._sign_buffer = None  # no longer needed; free it before the caller allocates more
         stats = self._statistics(agreement, mask)
+        del agreement
+        if _consume:
+            self._sign_sum = None
+            average = self._weighted_sum.div_(self.total_weight)
+            self._weighted_sum = None
+        else:
+            average = self._weighted_sum / self.total_weight
         stats["mask"] = mask
         return average.mul_(mask), stats
 
@@ -258,10 +335,16 @@ class GMAAggregator(_Accumulator):
         }
 
 
-def _histogram(values: Tensor) -> list[int]:
-    """Counts of values in [0, 1] over AGREEMENT_BINS equal bins (1.0 falls in the last bin)."""
-    bins = (values.float() * AGREEMENT_BINS).long().clamp_(0, AGREEMENT_BINS - 1)
-    return torch.bincount(bins, minlength=AGREEMENT_BINS).tolist()
+def _histogram(values: Tensor, chunk: int = 1 << 16) -> list[int]:
+    """Counts of values in [0, 1] over AGREEMENT_BINS equal bins (1.0 falls in the last bin).
+
+    Counted over chunks so the temporaries stay small whatever d is.
+    """
+    counts = torch.zeros(AGREEMENT_BINS, dtype=torch.long, device=values.device)
+    for start in range(0, values.numel(), chunk):
+        bins = (values[start : start + chunk].float() * AGREEMENT_BINS).long().clamp_(0, AGREEMENT_BINS - 1)
+        counts += torch.bincount(bins, minlength=AGREEMENT_BINS)
+    return counts.tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,21 +366,58 @@ def _rows(updates: Updates) -> Iterable[Tensor]:
 
 
 def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights: Sequence[float] | None) -> None:
+    """Fold all updates into ``aggregator`` at once: the same numbers as K ``add`` calls, one memory pass.
+
+    Every update is validated first (shape, dtype, weight: the checks of ``add``), then the chunked
+    kernel loops over the clients inside each chunk, so each update is read once and the running
+    sums stay in cache. Finiteness is checked on the weighted sum (a NaN/inf in any update makes it
+    non-finite); only then are the updates scanned, in order, to name the first bad client, so the
+    error raised is the one the streaming form would raise.
+    """
     rows = _rows(updates)
-    count = len(rows) if isinstance(rows, Sequence) else None
+    rows = rows if isinstance(rows, Sequence) else list(rows)
     if weights is not None:
         weights = list(weights)
-        if count is not None and len(weights) != count:
-            raise ValueError(f"got {count} updates but {len(weights)} weights")
+        if len(weights) != len(rows):
+            raise ValueError(f"got {len(rows)} updates but {len(weights)} weights")
+    check = aggregator.check_finite
+
+    def raise_first_non_finite(upto: int) -> None:
+        if check:
+            for k in range(upto):
+                if not bool(torch.isfinite(rows[k]).all()):
+                    raise ValueError(f"client {k}: update contains NaN or infinite values")
+
+    admitted: list[float] = []
     for k, row in enumerate(rows):
-        aggregator.add(row, 1.0 if weights is None else weights[k])
+        structurally_ok = (
+            isinstance(row, Tensor) and row.dim() == 1 and row.is_floating_point()
+            and (k == 0 or (row.shape == rows[0].shape and row.dtype == rows[0].dtype))
+        )
+        try:
+            admitted.append(aggregator._admit(row, 1.0 if weights is None else weights[k], check_finite=False))
+        except ValueError:
+            raise_first_non_finite(k + 1 if structurally_ok else k)
+            raise
+    if not rows:
+        return
+    first = rows[0]
+    aggregator._weighted_sum = torch.zeros_like(first)
+    if isinstance(aggregator, GMAAggregator):
+        aggregator._sign_sum = torch.zeros_like(first)
+        sign_weights = admitted if aggregator.weighted_agreement else [1.0] * len(rows)
+        _fold_into(aggregator._weighted_sum, aggregator._sign_sum, rows, admitted, sign_weights)
+    else:
+        _fold_into(aggregator._weighted_sum, None, rows, admitted, [1.0] * len(rows))
+    if check and not _all_finite(aggregator._weighted_sum):
+        raise_first_non_finite(len(rows))
 
 
 def mean(updates: Updates, weights: Sequence[float] | None = None) -> Tensor:
     """Weighted average Σ p_k Δ_k, p_k ∝ ``weights`` (uniform when None)."""
     aggregator = MeanAggregator()
     _fold(aggregator, updates, weights)
-    return aggregator.average()
+    return aggregator.average(_consume=True)
 
 
 def gma(
@@ -315,7 +435,7 @@ def gma(
     """
     aggregator = GMAAggregator(threshold, hard=hard, weighted_agreement=weighted_agreement)
     _fold(aggregator, updates, weights)
-    aggregate, stats = aggregator.result()
+    aggregate, stats = aggregator.result(_consume=True)
     return aggregate, stats["mask"]
 
 

@@ -1,0 +1,349 @@
+"""fedgma speed and memory benchmark: the comparisons of the "Speed and scale" issue in one run.
+
+Run ``fedgma bench`` (or ``python benchmarks/bench.py``). Every measurement of a part runs in a
+fresh subprocess (so its peak RSS is its own); repeats are interleaved across modes and the table
+reports medians and ratios to the plain PyTorch loop measured in the same run.
+
+Parts:
+
+* ``train``: Fashion-MNIST, 100 clients, Dirichlet(α) label split, 10 sampled per round, batch 32,
+  lr 0.01, one local epoch; the same partition, client sample and batch order for every mode.
+  ``plain`` is a straightforward PyTorch loop: ``model.load_state_dict(global)``, a fresh
+  ``torch.optim.SGD``, DataLoader-free index batching (``x[idx]`` on in-memory tensors, the order
+  from ``torch.randperm`` with the same per-client generator as fedgma), a weighted average of the
+  state dicts. ``sequential`` / ``vectorized`` / ``multiprocess`` are fedgma's backends, with the
+  mean aggregator and the server step of FedAvg, as ``fedgma.simulation`` does them.
+* ``agg``: K updates of d float32: one read of every float (the bandwidth floor), a Flower-style
+  weighted mean (numpy: scale every update, ``reduce(np.add)``, divide, as flwr's ``aggregate``),
+  ``fedgma.aggregation.mean`` and ``gma`` on the list, and streaming ``GMAAggregator``.
+* ``scale``: 10,000 clients (IID split), 100 sampled per round, SCAFFOLD with the MLP; peak RSS
+  while the control-variate store fills up (spilling to disk past its memory limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from functools import reduce
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STEP_MODES = {
+    "plain-1t": ("plain", 1),
+    "plain-2t": ("plain", 2),
+    "sequential-1t": ("sequential", 1),
+    "sequential-2t": ("sequential", 2),
+    "vectorized": ("vectorized", 2),
+    "multiprocess": ("multiprocess", 1),
+}
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        match = re.search(rf"{key}:\s+(\d+)", handle.read())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _children_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------------------
+# train: one mode, some rounds, in this process
+# --------------------------------------------------------------------------------------------
+
+
+def _federated(alpha: float, num_clients: int, partition: str = "dirichlet"):
+    """Fashion-MNIST split among clients: fixed seed 0, the same for every mode."""
+    from fedgma.data import partition as partitions
+    from fedgma.data.datasets import load_dataset
+    from fedgma.data.federated import FederatedDataset
+    from fedgma.seeding import seed_sequence
+
+    splits = load_dataset("fashion-mnist")
+    seeds = seed_sequence(0, "partition")
+    if partition == "dirichlet":
+        parts = partitions.dirichlet(splits.train.y.numpy(), num_clients, alpha, seeds, 10)
+    else:
+        parts = partitions.iid(len(splits.train), num_clients, seeds)
+    return FederatedDataset([splits.train.subset(p) for p in parts], splits.test, splits.num_classes)
+
+
+def _sample(round_index: int, population: int, per_round: int) -> list[int]:
+    from fedgma.seeding import numpy_rng
+
+    chosen = numpy_rng(0, "sampling", round_index).choice(population, size=per_round, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def plain_round(module, global_state, data, ids, round_index, batch_size, lr):
+    """The plain PyTorch loop: the same local SGD steps and a weighted average of the client models."""
+    from fedgma.seeding import torch_generator
+
+    total = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    weight_total, steps = 0, 0
+    for client_id in ids:
+        module.load_state_dict(global_state)
+        optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+        client = data.clients[client_id]
+        order = torch.randperm(len(client), generator=torch_generator(0, "client", round_index, client_id))
+        for idx in order.split(batch_size):
+            optimizer.zero_grad()
+            F.cross_entropy(module(client.x[idx]), client.y[idx]).backward()
+            optimizer.step()
+            steps += 1
+        for k, v in module.state_dict().items():
+            total[k].add_(v, alpha=len(client))
+        weight_total += len(client)
+    return {k: v / weight_total for k, v in total.items()}, steps
+
+
+def run_train(args) -> dict:
+    from fedgma.aggregation import MeanAggregator
+    from fedgma.backends import make_backend
+    from fedgma.client import LocalSGD, PlainClient
+    from fedgma.models import FlatModel, build_model
+    from fedgma.seeding import torch_generator
+
+    kind, threads = STEP_MODES[args.mode]
+    torch.set_num_threads(threads)
+    data = _federated(args.alpha, 100)
+    module = build_model(args.model, data.input_shape, data.num_classes, torch_generator(0, "init"))
+    settings = LocalSGD(batch_size=32, lr=0.01)
+    times, steps_per_round = [], []
+    if kind == "plain":
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        for r in range(1, args.rounds + 1):
+            start = time.perf_counter()
+            state, steps = plain_round(module, state, data, _sample(r, 100, 10), r, 32, 0.01)
+            times.append(time.perf_counter() - start)
+            steps_per_round.append(steps)
+        final = torch.cat([v.reshape(-1) for v in state.values()])
+    else:
+        model = FlatModel(module)
+        params = model.params.clone()
+        options = {"workers": os.cpu_count()} if kind == "multiprocess" else {}
+        backend = make_backend(kind, model, data, settings, 0, **options)
+        algorithm = PlainClient(settings)
+        try:
+            for r in range(1, args.rounds + 1):
+                start = time.perf_counter()
+                aggregator, steps = MeanAggregator(), 0
+                for result in backend.train(params, _sample(r, 100, 10), r, algorithm):
+                    aggregator.add(result.update, result.num_samples)
+                    steps += result.num_steps
+                params = params + aggregator.average()
+                times.append(time.perf_counter() - start)
+                steps_per_round.append(steps)
+        finally:
+            backend.close()
+        final = params
+    return {"round_s": times, "steps": steps_per_round, "checksum": float(final.double().abs().sum()),
+            "peak_mb": max(_status_mb("VmHWM"), _children_peak_mb() if kind == "multiprocess" else 0.0)}
+
+
+# --------------------------------------------------------------------------------------------
+# agg: aggregation of K updates of d floats
+# --------------------------------------------------------------------------------------------
+
+
+def run_agg(args) -> dict:
+    from fedgma.aggregation import GMAAggregator, gma, mean
+
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    updates = [torch.randn(args.d, generator=generator) for _ in range(args.k)]
+    weights = [float(i % 7 + 1) for i in range(args.k)]
+
+    def floor():
+        for u in updates:
+            u.sum()
+
+    def flower():
+        arrays = [u.numpy() for u in updates]
+        weighted = [a * w for a, w in zip(arrays, weights, strict=True)]
+        return reduce(np.add, weighted) / sum(weights)
+
+    def streaming():
+        aggregator = GMAAggregator(threshold=0.4)
+        for u, w in zip(updates, weights, strict=True):
+            aggregator.add(u, w)
+        return aggregator.result()
+
+    methods = {"floor": floor, "flower-mean": flower, "fedgma-mean": lambda: mean(updates, weights),
+               "fedgma-gma": lambda: gma(updates, weights, 0.4), "fedgma-gma-stream": streaming}
+    times = {name: [] for name in methods}
+    extra = {name: 0.0 for name in methods}
+    for _ in range(args.repeats):
+        for name, method in methods.items():
+            base = _status_mb("VmRSS")
+            _reset_peak()
+            start = time.perf_counter()
+            out = method()
+            times[name].append(time.perf_counter() - start)
+            del out
+            extra[name] = max(extra[name], _status_mb("VmHWM") - base)
+    return {"times": times, "extra_mb": extra, "d_mb": args.d * 4 / 2**20}
+
+
+# --------------------------------------------------------------------------------------------
+# scale: 10,000 clients, SCAFFOLD
+# --------------------------------------------------------------------------------------------
+
+
+def run_scale(args) -> dict:
+    from fedgma.aggregation import MeanAggregator
+    from fedgma.backends import make_backend
+    from fedgma.client import ControlVariateStore, LocalSGD, ScaffoldClient
+    from fedgma.models import FlatModel, build_model
+    from fedgma.seeding import torch_generator
+
+    data = _federated(0.5, args.population, partition="iid")
+    model = FlatModel(build_model("mlp", data.input_shape, data.num_classes, torch_generator(0, "init")))
+    params = model.params.clone()
+    settings = LocalSGD(batch_size=32, lr=0.01)
+    algorithm = ScaffoldClient(settings, model.numel, data.num_clients)
+    algorithm.store = ControlVariateStore(model.numel, memory_limit_bytes=args.store_limit_mb * 2**20)
+    backend = make_backend("sequential", model, data, settings, 0)
+    rss_after_data = _status_mb("VmRSS")
+    start = time.perf_counter()
+    for r in range(1, args.rounds + 1):
+        aggregator = MeanAggregator()
+        algorithm.begin_round(params)
+        results = []
+        for result in backend.train(params, _sample(r, args.population, args.per_round), r, algorithm):
+            algorithm.finish_client(result)
+            aggregator.add(result.update, result.num_samples)
+            result.update = None
+            results.append(result)
+        algorithm.end_round(results)
+        params = params + aggregator.average()
+    return {"rounds": args.rounds, "clients_with_state": len(algorithm.store), "spilled": algorithm.store.num_spilled,
+            "control_gb": len(algorithm.store) * model.numel * 4 / 2**30, "round_s": (time.perf_counter() - start)
+            / args.rounds, "rss_after_data_mb": rss_after_data, "peak_mb": _status_mb("VmHWM")}
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+def _child(part: str, **options) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", part]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark child {part} {options} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_train(model: str, rounds: int, repeats: int, alpha: float, modes: list[str]) -> list[dict]:
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(repeats):  # interleaved: every mode once per repeat
+        for mode in modes:
+            runs[mode].append(_child("train", mode=mode, model=model, rounds=rounds, alpha=alpha))
+    rows = []
+    for mode in modes:
+        round_s = [t for run in runs[mode] for t in run["round_s"][1:] or run["round_s"]]  # drop the warm-up round
+        steps = [s for run in runs[mode] for s in run["steps"][1:] or run["steps"]]
+        rows.append({"mode": mode, "round_s": statistics.median(round_s),
+                     "steps_per_s": sum(steps) / sum(round_s), "peak_mb": max(r["peak_mb"] for r in runs[mode]),
+                     "checksum": runs[mode][0]["checksum"]})
+    plain = [r for r in rows if r["mode"].startswith("plain")]
+    best = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
+    for row in rows:
+        row["vs_plain"] = row["steps_per_s"] / best["steps_per_s"] if best else float("nan")
+    return rows
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child")
+    parser.add_argument("--parts", default="train,agg,scale")
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--modes", default=",".join(STEP_MODES))
+    parser.add_argument("--mode", default="sequential-1t")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--cnn-rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--d", type=int, default=10_000_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--population", type=int, default=10_000)
+    parser.add_argument("--per-round", type=int, default=100)
+    parser.add_argument("--scale-rounds", type=int, default=100)
+    parser.add_argument("--store-limit-mb", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        result = {"train": run_train, "agg": run_agg, "scale": run_scale}[args.child](args)
+        print(json.dumps(result))
+        return
+
+    parts = args.parts.split(",")
+    print(f"fedgma bench: torch {torch.__version__}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start; medians of interleaved repeats, ratios within this run")
+    if "train" in parts:
+        for model in args.models.split(","):
+            rounds = args.cnn_rounds if model == "cnn" else args.rounds
+            rows = bench_train(model, rounds, args.repeats, args.alpha, args.modes.split(","))
+            _print_table(
+                f"train: {model}, Fashion-MNIST, 100 clients Dirichlet({args.alpha}), 10/round, batch 32, lr 0.01, "
+                f"1 epoch; {rounds} rounds × {args.repeats} repeats (first round of each run dropped)",
+                ["mode", "s/round", "steps/s", "peak MB", "× plain (best)", "checksum"],
+                [[r["mode"], f"{r['round_s']:.3f}", f"{r['steps_per_s']:.0f}", f"{r['peak_mb']:.0f}",
+                  f"{r['vs_plain']:.2f}", f"{r['checksum']:.4f}"] for r in rows],
+            )
+    if "agg" in parts:
+        result = _child("agg", k=args.k, d=args.d, threads=args.threads, repeats=args.repeats)
+        med = {name: statistics.median(t) for name, t in result["times"].items()}
+        _print_table(
+            f"agg: K = {args.k} updates of d = {args.d:.0e} float32, {args.threads} threads, {args.repeats} repeats; "
+            f"extra = peak RSS above the inputs, in units of one d-sized buffer ({result['d_mb']:.0f} MB)",
+            ["method", "seconds", "× floor", "× flower-mean", "extra (d-buffers)"],
+            [[name, f"{t:.3f}", f"{t / med['floor']:.2f}", f"{t / med['flower-mean']:.2f}",
+              f"{result['extra_mb'][name] / result['d_mb']:.1f}"] for name, t in med.items()],
+        )
+    if "scale" in parts:
+        result = _child("scale", population=args.population, per_round=args.per_round, rounds=args.scale_rounds,
+                        store_limit_mb=args.store_limit_mb)
+        _print_table(
+            f"scale: SCAFFOLD, MLP, {args.population} clients (IID), {args.per_round}/round, "
+            f"{args.scale_rounds} rounds, store RAM limit {args.store_limit_mb} MB",
+            ["clients with c_i", "spilled to disk", "c_i total GB", "s/round", "RSS after data MB", "peak RSS MB"],
+            [[str(result["clients_with_state"]), str(result["spilled"]), f"{result['control_gb']:.2f}",
+              f"{result['round_s']:.2f}", f"{result['rss_after_data_mb']:.0f}", f"{result['peak_mb']:.0f}"]],
+        )
+
+
+if __name__ == "__main__":
+    main()
