@@ -5,7 +5,8 @@
 #   scripts/reproduce.sh tune dir0.1     # only these stages
 #   JOBS=1 scripts/reproduce.sh ...      # parallel runs (default 2), SEEDS (default 3), OUT (default runs/paper)
 #
-# Stages, in priority order: tune, dir0.1, iid, tau, dir0.5, dir1.0, report.
+# Stages, in priority order: tune, dir0.1, cmixed, rotated, tau, iid, colored, dir0.5, dir1.0, quantity,
+# synthetic, report (the out-of-distribution settings that motivate GMA come right after the main one).
 # Expected duration on 2 CPU cores with JOBS=2: see docs/RESULTS.md ("Cost").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,30 +32,46 @@ tune() {
 
 # Four base algorithms × {mean, gma} × SEEDS seeds on one setting, each at its tuned server lr.
 setting() {
-    local name=$1
-    shift
-    $FEDGMA sweep "$BASE" "$@" --grid algorithm=$ALGOS --grid server.aggregator=mean,gma \
+    local name=$1 config=$2
+    shift 2
+    $FEDGMA sweep "$config" "$@" --grid algorithm=$ALGOS --grid server.aggregator=mean,gma \
         --seeds "$SEEDS" --jobs "$JOBS" --server-lr-from "$OUT/tune" --out "$OUT/$name"
+}
+
+# Synthetic(1,1): another model and data scale, so its server lr is tuned in place (the report selects
+# each pair's lr on validation accuracy, pooled over the seeds).
+synthetic() {
+    local config=configs/paper/synthetic.toml
+    $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
+        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=1,2
+    $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
+        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.01,0.03
 }
 
 run_stage() {
     case "$1" in
         tune) tune ;;
-        dir0.1) setting dir0.1 --set data.partition=dirichlet --set data.alpha=0.1 ;;
-        dir0.5) setting dir0.5 --set data.partition=dirichlet --set data.alpha=0.5 ;;
-        dir1.0) setting dir1.0 --set data.partition=dirichlet --set data.alpha=1.0 ;;
-        iid) setting iid --set data.partition=iid ;;
+        dir0.1) setting dir0.1 "$BASE" --set data.partition=dirichlet --set data.alpha=0.1 ;;
+        dir0.5) setting dir0.5 "$BASE" --set data.partition=dirichlet --set data.alpha=0.5 ;;
+        dir1.0) setting dir1.0 "$BASE" --set data.partition=dirichlet --set data.alpha=1.0 ;;
+        iid) setting iid "$BASE" --set data.partition=iid ;;
+        quantity) setting quantity "$BASE" --set data.partition=quantity --set data.beta=0.5 ;;
+        cmixed) setting cmixed configs/paper/colored_mixed.toml ;;
+        colored) setting colored configs/paper/colored.toml ;;
+        rotated) setting rotated configs/paper/rotated.toml ;;
+        synthetic) synthetic ;;
         tau)  # FedAvg+GMA's threshold τ at Dirichlet(0.1); τ = 0 is exactly the mean (at GMA's server lr)
             $FEDGMA sweep "$BASE" --set algorithm=fedavg --set server.aggregator=gma --set data.alpha=0.1 \
                 --grid server.threshold=$TAUS --seeds "$SEEDS" --jobs "$JOBS" --server-lr-from "$OUT/tune" \
                 --out "$OUT/tau" ;;
         report) $FEDGMA report "$OUT" --out "${REPORT_OUT:-$OUT/report}" ;;
-        *) echo "unknown stage $1 (tune, dir0.1, iid, tau, dir0.5, dir1.0, report)" >&2; exit 2 ;;
+        *) echo "unknown stage $1 (tune dir0.1 cmixed rotated tau iid colored dir0.5 dir1.0 quantity synthetic report)" >&2
+           exit 2 ;;
     esac
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tune dir0.1 iid tau dir0.5 dir1.0 report)
+[ ${#stages[@]} -eq 0 ] && stages=(tune dir0.1 cmixed rotated tau iid colored dir0.5 dir1.0 quantity synthetic report)
 start=$(date +%s)
 for stage in "${stages[@]}"; do
     stamp "stage $stage: start"
@@ -62,4 +79,4 @@ for stage in "${stages[@]}"; do
     run_stage "$stage"
     stamp "stage $stage: done in $(( $(date +%s) - t0 )) s"
 done
-stamp "all stages done in $(( $(date +%s) - start )) s"
+stamp "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown): all stages done in $(( $(date +%s) - start )) s"
