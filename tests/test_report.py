@@ -34,7 +34,8 @@ TINY = [
 
 
 def fake_run(folder: Path, *, algorithm: str = "fedavg", aggregator: str = "mean", seed: int = 0, lr: float = 1.0,
-             threshold: float = 0.4, curve: list[float], validation: float | None = None) -> Path:
+             threshold: float = 0.4, curve: list[float], validation: float | None = None,
+             ood: float | None = None) -> Path:
     """A run folder written by hand: test accuracy ``curve`` at rounds 10, 20, ...; summary from it."""
     folder.mkdir(parents=True)
     config = {"name": "fake", "seed": seed, "algorithm": algorithm,
@@ -45,15 +46,16 @@ def fake_run(folder: Path, *, algorithm: str = "fedavg", aggregator: str = "mean
         record = {"round": 10 * i, "test_accuracy": accuracy}
         if validation is not None:
             record["validation_accuracy"] = validation
+        if ood is not None:
+            record["ood_accuracy"] = record["ood/rot90_accuracy"] = ood
         metrics.append(record)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     rounds = [{"round": r, "mask_density": 0.5, "mask_pass_fraction": 0.4, "agreement_mean": 0.3,
                "agreement_histogram": [1] * 10, "mask_density/w": 0.5, "agreement_histogram/w": [1] * 10}
               for r in range(1, 10 * len(curve) + 1)] if aggregator == "gma" else []
     (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-    final = {"round": metrics[-1]["round"], "test_accuracy": curve[-1]}
-    if validation is not None:
-        final["validation_accuracy"] = validation
+    final = {k: v for k, v in metrics[-1].items() if k.endswith("_accuracy")}
+    final["round"] = metrics[-1]["round"]
     best = max(metrics, key=lambda m: m["test_accuracy"])
     summary = {"algorithm": algorithm, "aggregator": aggregator, "seed": seed, "final": final,
                "best": {"round": best["round"], "test_accuracy": best["test_accuracy"]}, "wall_s": 1.0}
@@ -166,6 +168,21 @@ def test_tau_sweep_gets_its_own_plot(tmp_path: Path) -> None:
     result = write_report(tmp_path, tmp_path / "out")
     assert (tmp_path / "out" / "plots" / "tau_tau_fedavg.png").is_file()
     assert [r["threshold"] for r in result["rows"]] == [0.0, 0.4, 0.8]
+
+
+def test_out_of_distribution_accuracy_gets_a_gain_column_and_a_curve_row(tmp_path: Path) -> None:
+    for seed, (ood_mean, ood_gma) in enumerate([(0.30, 0.35), (0.32, 0.36), (0.31, 0.38)]):
+        fake_run(tmp_path / "rot" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.8, 0.9], ood=ood_mean)
+        fake_run(tmp_path / "rot" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[0.8, 0.9],
+                 ood=ood_gma)
+    result = write_report(tmp_path, tmp_path / "out")
+    (gain,) = result["gains"]
+    assert gain["gain_ood_accuracy"]["diffs"] == pytest.approx([0.05, 0.04, 0.07])
+    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx([0.0, 0.0, 0.0])
+    assert "gain_ood/rot90_accuracy" not in gain  # per-domain accuracies stay in the table only
+    assert "Δ ood (pts)" in (tmp_path / "out" / "gains.md").read_text()
+    assert "ood/rot90 acc %" in (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "plots" / "curves_rot.png").is_file()
 
 
 def test_t_quantile() -> None:

@@ -276,10 +276,13 @@ def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy") 
     return groups
 
 
-def _extra_accuracies(groups: Iterable[Group]) -> list[str]:
-    """Accuracy keys besides test (validation, ood, ...), in a stable order."""
+def _extra_accuracies(groups: Iterable[Group], per_domain: bool = True) -> list[str]:
+    """Accuracy keys besides test (validation, ood, ...), in a stable order; ``per_domain=False`` leaves
+    out the per-domain ones (``ood/<domain>_accuracy``), whose mean is ``ood_accuracy``."""
     keys = {k for g in groups for r in g.runs for k in r.summary["final"] if k.endswith("_accuracy")}
     keys.discard("test_accuracy")
+    if not per_domain:
+        keys = {k for k in keys if "/" not in k}
     return sorted(keys, key=lambda k: (k != "validation_accuracy", k))
 
 
@@ -369,7 +372,8 @@ def gain_rows(groups: list[Group]) -> list[dict[str, Any]]:
             "lr_mean": base.server_lr,
             "lr_gma": gma_group.server_lr,
         }
-        keys = ["test_accuracy", *[k for k in _extra_accuracies([base, gma_group]) if k != "validation_accuracy"]]
+        extra = _extra_accuracies([base, gma_group], per_domain=False)
+        keys = ["test_accuracy", *[k for k in extra if k != "validation_accuracy"]]
         for key in keys:
             a, b = base.by_seed(key), gma_group.by_seed(key)
             seeds = sorted(set(a) & set(b))
@@ -537,7 +541,8 @@ def plot_curves(pairs: list[tuple[Group, Group]], path: Path, title: str) -> Pat
     """Test (and out-of-distribution) accuracy versus round, mean ± std band over seeds, per algorithm."""
     plt = _pyplot()
     algorithms = sorted({gma_group.algorithm for _, gma_group in pairs})
-    extra = [k for k in _extra_accuracies([g for pair in pairs for g in pair]) if k != "validation_accuracy"]
+    extra = [k for k in _extra_accuracies([g for pair in pairs for g in pair], per_domain=False)
+             if k != "validation_accuracy"]
     keys = ["test_accuracy", *extra]
     fig, axes = plt.subplots(len(keys), len(algorithms), figsize=(4.2 * len(algorithms), 3.4 * len(keys)),
                              squeeze=False, sharex=True)
@@ -651,7 +656,7 @@ def plot_tau(family: list[Group], base: Group | None, path: Path, title: str) ->
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     taus = [g.threshold for g in family]
     keys = [("final", lambda g: g.final()), ("best", lambda g: g.best())]
-    extra = [k for k in _extra_accuracies(family) if k != "validation_accuracy"]
+    extra = [k for k in _extra_accuracies(family, per_domain=False) if k != "validation_accuracy"]
     keys += [(f"final {k.replace('_accuracy', '')}", lambda g, k=k: g.final(k)) for k in extra]
     for label, values in keys:
         stats = [mean_std(values(g)) for g in family]
