@@ -97,6 +97,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, de
         f"(best {summary['best']['test_accuracy']:.4f} at round {summary['best']['round']}), "
         f"{summary['wall_s']:.1f} s"
     )
+    shifted = {k: final[k] for k in ("ood_accuracy", "holdout_mean_accuracy", "holdout_worst10_accuracy") if k in final}
+    if shifted:  # held-out domains and clients (docs/HETEROGENEITY.md)
+        click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in shifted.items()))
 
 
 def _run_on_flower(config: Any, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -195,6 +198,40 @@ def report(runs_dir: str, out: str | None, target_fraction: float, target: float
                f"{len(result['diverged'])} diverged runs -> {result['out']}/report.md")
     if result["gains"]:
         click.echo(gains_markdown(result["gains"]))
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for partition.json and the PNGs "
+              "(default: runs/<config name>-partition).")
+@click.option("--rows", default=10, show_default=True, help="Clients shown in full; more are summarised.")
+@_user_errors
+def partition(config_path: str, overrides: tuple[str, ...], out: str | None, rows: int) -> None:
+    """Show how CONFIG splits its data among clients, without training.
+
+    Prints per-client sizes and label counts (summary rows for many clients) and writes
+    partition.json, partition_heatmap.png (clients × classes) and client_sizes.png to --out; a run
+    folder holds the same files. Counts are before data.validation_fraction is held out.
+    """
+    from rich.console import Console
+
+    from fedgma.config import load_config
+    from fedgma.data.federated import build_federated
+    from fedgma.plots import partition_summary, partition_table, write_partition_files
+
+    config = load_config(config_path, list(overrides))
+    data = build_federated(config.data, config.seed)
+    out_dir = Path(out) if out else Path("runs") / f"{config.name or 'config'}-partition"
+    written = write_partition_files(out_dir, data.statistics)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    shown = "" if data.num_clients <= rows else f" (first and last {max(1, rows // 2)} shown)"
+    console.print(partition_table(data.statistics, max_rows=rows, title=f"{config.name}: " + (
+        f"{data.statistics['dataset']}, {data.statistics['partition']}, {data.num_clients} clients{shown}")))
+    click.echo(partition_summary(data.statistics))
+    click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 def _print_table(runs: list[Any]) -> None:
