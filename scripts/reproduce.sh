@@ -25,9 +25,9 @@ stamp() { echo "[$(date '+%F %T')] $*"; }
 # records), on a tuning seed (100) that no reported result uses; mean and gma get the same grid.
 tune() {
     $FEDGMA sweep "$BASE" --set seed=100 --seeds 1 --jobs "$JOBS" --out "$OUT/tune" \
-        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=1,2
+        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=0.5,1,2
     $FEDGMA sweep "$BASE" --set seed=100 --seeds 1 --jobs "$JOBS" --out "$OUT/tune" \
-        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.01,0.03
+        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.003,0.01,0.03
 }
 
 # Four base algorithms × {mean, gma} × SEEDS seeds on one setting, each at its tuned server lr.
@@ -43,9 +43,9 @@ setting() {
 synthetic() {
     local config=configs/paper/synthetic.toml
     $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
-        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=1,2
+        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=0.5,1,2
     $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
-        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.01,0.03
+        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.003,0.01,0.03
 }
 
 run_stage() {

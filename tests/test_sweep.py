@@ -137,3 +137,10 @@ def test_cli_sweep_reports_a_bad_grid_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["sweep", str(PAPER), "--grid", "server.nope=1", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "unknown config key 'server.nope'" in result.output
+
+
+def test_a_finished_run_of_another_config_is_not_reused(tmp_path: Path) -> None:
+    run_sweep(plan_sweep(PAPER, [parse_grid("server.aggregator=mean")], 1, tmp_path, [*TINY, "server.lr=1"]))
+    changed = plan_sweep(PAPER, [parse_grid("server.aggregator=mean")], 1, tmp_path, [*TINY, "server.lr=2"])
+    with pytest.raises(ConfigError, match="server.lr = 1.0 there, 2.0 planned"):
+        run_sweep(changed)

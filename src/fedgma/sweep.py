@@ -158,6 +158,9 @@ def run_sweep(
     that diverged. A run that fails otherwise does not stop the others; once all have been tried, the
     first failure is raised as a :class:`SweepError` naming every failed run folder.
     """
+    for run in plan:
+        if run.finished:
+            check_same_config(run)
     todo = [run for run in plan if not run.finished]
     for run in plan:
         if run.finished and on_done:
@@ -191,6 +194,37 @@ def run_sweep(
         names = ", ".join(str(run.run_dir) for run, _ in failures)
         raise SweepError(f"{len(failures)} run(s) failed (see error.txt in each): {names}") from failures[0][1]
     return todo
+
+
+def check_same_config(run: SweepRun) -> None:
+    """A finished run is only reused if it ran the planned config (e.g. not an older tuned server lr)."""
+    import tomllib
+
+    from fedgma.config import config_to_dict
+
+    path = run.run_dir / "config.toml"
+    if not path.is_file():
+        return
+    planned = _flat(config_to_dict(run.config))
+    found = _flat(tomllib.loads(path.read_text()))
+    # keys on one side only are schema additions (or unset values): compare what both name
+    differ = sorted(k for k in planned.keys() & found.keys() if k != "name" and planned[k] != found[k])
+    if differ:
+        shown = ", ".join(f"{k} = {found[k]!r} there, {planned[k]!r} planned" for k in differ[:3])
+        raise ConfigError(
+            f"run folder {run.run_dir} holds a finished run of another config ({shown}); "
+            "use another --out or remove that folder"
+        )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class SweepError(RuntimeError):
