@@ -126,6 +126,7 @@ def run_train(args) -> dict:
     kind, threads = STEP_MODES[args.mode]
     torch.set_num_threads(threads)
     data = _federated(args.alpha, 100)
+    _reset_peak()  # peak memory of training, not of decoding the dataset files
     module = build_model(args.model, data.input_shape, data.num_classes, torch_generator(0, "init"))
     settings = LocalSGD(batch_size=32, lr=0.01)
     times, steps_per_round = [], []
@@ -224,6 +225,7 @@ def run_scale(args) -> dict:
     algorithm.store = ControlVariateStore(model.numel, memory_limit_bytes=args.store_limit_mb * 2**20)
     backend = make_backend("sequential", model, data, settings, 0)
     rss_after_data = _status_mb("VmRSS")
+    _reset_peak()
     start = time.perf_counter()
     for r in range(1, args.rounds + 1):
         aggregator = MeanAggregator()
