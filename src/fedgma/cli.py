@@ -261,5 +261,24 @@ def _pm(value: tuple[float, float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(bench_args: tuple[str, ...]) -> None:
+    """Speed and memory benchmark (benchmarks/bench.py; its options pass through, see `fedgma bench -- --help`).
+
+    Times fedgma's backends against a plain PyTorch loop, aggregation against the memory-bandwidth
+    floor and a Flower-style mean, and a 10,000-client SCAFFOLD run; prints tables of medians and ratios.
+    """
+    import runpy
+
+    import fedgma
+
+    script = Path(fedgma.__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise UserError(f"fedgma bench needs a source checkout: {script} does not exist")
+    sys.argv = [str(script), *bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -203,6 +203,9 @@ class Config(_Section):
     backend: str = "sequential"
     engine: Literal["fedgma", "flower"] = "fedgma"  # flower: Flower's simulation engine (fedgma[flower])
     threads: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)  # backend "multiprocess": worker processes (default: every core)
+    vector_clients: int | None = Field(None, ge=1)  # backend "vectorized": clients per batched group (default: all)
+    scaffold_memory_mb: int | None = Field(1024, ge=0)  # SCAFFOLD c_i kept in RAM up to this, then on disk; None: RAM
     checkpoint_every: int = Field(1, ge=0)  # rounds between checkpoints; 0: never
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
