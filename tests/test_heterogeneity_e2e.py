@@ -105,3 +105,27 @@ def test_colored_environments_report_the_reversed_environment(tmp_path):
     assert final["ood/env0.1_accuracy"] < final["test_accuracy"] - 0.2
     partition = json.loads((tmp_path / "partition.json").read_text())
     assert partition["colour_agreement"] == {"train_mixture": pytest.approx(0.85, abs=0.01), "ood": 0.1}
+
+
+def test_holdout_client_metrics_match_a_direct_evaluation(tmp_path):
+    """holdout_* are the mean and worst-10% of per-client accuracies; with an IID split they track test_accuracy."""
+    import torch
+
+    from fedgma.data.federated import build_federated
+    from fedgma.models import FlatModel, build_model
+    from fedgma.seeding import torch_generator
+    from fedgma.simulation import evaluate
+
+    config = load_config(ROOT / "configs/fmnist-heldout-clients.toml", [
+        "data.dataset=digits", "data.partition=iid", "data.num_clients=20", "data.holdout_clients=20",
+        "rounds=20", "eval_every=20", "client.lr=0.1", "threads=1", "checkpoint_every=0",
+    ])
+    final = run(config, tmp_path, progress=False)["final"]
+    data = build_federated(config.data, config.seed)
+    model = FlatModel(build_model("mlp", data.input_shape, data.num_classes, torch_generator(0, "init")), "cpu")
+    params = torch.load(tmp_path / "final_model.pt")["params"]
+    accuracies = sorted(evaluate(model, params, c)["accuracy"] for c in data.holdout_clients)
+    assert final["holdout_mean_accuracy"] == pytest.approx(sum(accuracies) / 20)
+    assert final["holdout_worst10_accuracy"] == pytest.approx((accuracies[0] + accuracies[1]) / 2)  # 10% of 20
+    assert final["test_accuracy"] > 0.4
+    assert abs(final["holdout_mean_accuracy"] - final["test_accuracy"]) < 0.1  # IID: unseen clients look like test
