@@ -207,15 +207,18 @@ def _close(word: str, candidates: list[str]) -> str | None:
 
 _CACHE: dict[str, DatasetSplits] = {}
 _CACHE_SIZE = 2
+# Only the large fixed image sets are kept (user files may change between loads; the rest load fast).
+# Everything built from a cached DatasetSplits makes new tensors or leaves them untouched.
+_CACHED_DATASETS = {"fashion-mnist", "mnist", "cifar10", "cifar100", "colored-mnist", "colored-fashion-mnist"}
 
 
 def _load(cfg: Any, total_clients: int) -> DatasetSplits:
-    """``load_dataset`` with the config's options; keeps the last two loads (tests and sweeps reload often).
+    """``load_dataset`` with the config's options; keeps the last two image sets (tests and sweeps reload often).
 
     A loader that takes ``num_clients`` (Synthetic(α, β)) and is not given one in ``[data.options]``
     gets ``data.num_clients + data.holdout_clients``, so the dataset has the config's clients.
     """
-    options = dict(cfg.options)
+    options = dict(getattr(cfg, "options", None) or {})
     loader = _loader(cfg.dataset)
     if loader is not None and "num_clients" not in options:
         try:
@@ -228,15 +231,17 @@ def _load(cfg: Any, total_clients: int) -> DatasetSplits:
     except ValueError as error:
         raise DatasetError(f"config key 'data.options': {error}") from None
     key = json.dumps([cfg.dataset, cfg.data_dir, cfg.download, options], sort_keys=True, default=str)
-    if key not in _CACHE:
-        try:
-            splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, **options)
-        except TypeError as error:  # a loader called with an option of the wrong kind
-            raise DatasetError(f"config section [data.options] for dataset {cfg.dataset!r}: {error}") from None
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, **options)
+    except TypeError as error:  # a loader called with an option of the wrong kind
+        raise DatasetError(f"config section [data.options] for dataset {cfg.dataset!r}: {error}") from None
+    if cfg.dataset in _CACHED_DATASETS:
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = splits
-    return _CACHE[key]
+    return splits
 
 
 def _subset(splits: DatasetSplits, train_size: int | None, test_size: int | None) -> DatasetSplits:
