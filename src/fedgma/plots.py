@@ -109,7 +109,7 @@ def write_partition_files(out_dir: str | Path, statistics: dict[str, Any], plots
 def _entropy(counts: np.ndarray) -> np.ndarray:
     sizes = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, sizes, out=np.zeros_like(counts, dtype=float), where=sizes > 0)
-    return -np.sum(np.where(share > 0, share * np.log(np.where(share > 0, share, 1.0)), 0.0), axis=1)
+    return 0.0 - np.sum(np.where(share > 0, share * np.log(np.where(share > 0, share, 1.0)), 0.0), axis=1)  # no -0
 
 
 def partition_table(statistics: dict[str, Any], max_rows: int = 10, title: str | None = None):
