@@ -99,6 +99,7 @@ with open("/proc/self/status") as handle:
 """
 
 
+@pytest.mark.slow  # writes 1.5 GB to the temporary folder
 @pytest.mark.skipif(sys.platform != "linux", reason="reads peak RSS from /proc")
 def test_store_memory_does_not_grow_with_the_population(tmp_path) -> None:
     """2,000 clients × 199,210 floats (the MLP; 1.5 GB of control variates) in well under 1 GB of RSS."""
