@@ -28,7 +28,7 @@ tune() {
     sgd=$(echo "$ALGOS" | tr , '\n' | grep -v '^fedadam$' | paste -sd, -)
     if [ -n "$sgd" ]; then
         $FEDGMA sweep "$BASE" --set seed=100 --seeds 1 --jobs "$JOBS" --out "$OUT/tune" \
-            --grid algorithm="$sgd" --grid server.aggregator=mean,gma --grid server.lr=0.5,1,2
+            --grid algorithm="$sgd" --grid server.aggregator=mean,gma --grid server.lr=0.25,0.5,1,2
     fi
     if [[ ",$ALGOS," == *,fedadam,* ]]; then
         $FEDGMA sweep "$BASE" --set seed=100 --seeds 1 --jobs "$JOBS" --out "$OUT/tune" \
@@ -49,7 +49,7 @@ setting() {
 synthetic() {
     local config=configs/paper/synthetic.toml
     $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
-        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=0.5,1,2
+        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=0.25,0.5,1,2
     $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
         --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.003,0.01,0.03
 }

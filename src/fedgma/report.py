@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -196,6 +197,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from fedgma.config import Config, config_to_dict
+
+    return flatten(config_to_dict(Config()))
+
+
 def rounds_to_target(metrics: list[dict[str, Any]], target: float, key: str = "test_accuracy") -> int | None:
     """The first evaluated round whose ``key`` is ≥ ``target`` (None if never)."""
     for record in metrics:
@@ -215,7 +223,9 @@ class Group:
 
     @property
     def flat(self) -> dict[str, Any]:
-        return flatten(self.runs[0].config)
+        """The run's config, flattened, over today's defaults: a key a run folder lacks (written before
+        the key existed) takes its default, which is what that run did."""
+        return {**_defaults(), **flatten(self.runs[0].config)}
 
     @property
     def algorithm(self) -> str:
