@@ -64,12 +64,21 @@ def available_algorithms() -> list[str]:
 
 
 def make_client_algorithm(
-    algorithm: str, settings: LocalSGD, numel: int, num_clients: int, device: torch.device | str = "cpu"
+    algorithm: str,
+    settings: LocalSGD,
+    numel: int,
+    num_clients: int,
+    device: torch.device | str = "cpu",
+    state_memory_mb: int | None = 1024,
 ) -> ClientAlgorithm:
-    """The client side of a recipe, with its state (SCAFFOLD's control variates) initialised."""
+    """The client side of a recipe, with its state (SCAFFOLD's control variates) initialised.
+
+    ``state_memory_mb`` bounds the RAM of per-client state; beyond it, state spills to disk (None: RAM only).
+    """
     recipe = RECIPES[algorithm]
     if recipe.client == "scaffold":
-        return ScaffoldClient(settings, numel, num_clients, device)
+        limit = None if state_memory_mb is None else state_memory_mb * 2**20
+        return ScaffoldClient(settings, numel, num_clients, device, memory_limit_bytes=limit)
     return PlainClient(settings)
 
 

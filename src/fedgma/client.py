@@ -320,13 +320,20 @@ class ScaffoldClient:
 
     name = "scaffold"
 
-    def __init__(self, settings: LocalSGD, numel: int, num_clients: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        settings: LocalSGD,
+        numel: int,
+        num_clients: int,
+        device: torch.device | str = "cpu",
+        memory_limit_bytes: int | None = ControlVariateStore.DEFAULT_MEMORY_LIMIT,
+    ) -> None:
         if settings.momentum or settings.prox_mu:
             raise ValueError("scaffold: option II control variates assume plain local SGD (momentum = prox_mu = 0)")
         self.settings = settings
         self.num_clients = num_clients
         self.server_control = torch.zeros(numel, device=device)
-        self.store = ControlVariateStore(numel, device)
+        self.store = ControlVariateStore(numel, device, memory_limit_bytes=memory_limit_bytes)
         self._delta_sum: Tensor | None = None
 
     def begin_round(self, global_params: Tensor) -> None:

@@ -168,10 +168,14 @@ def run(
     params = model.params.clone()
 
     settings = local_settings(config)
-    client_algorithm = make_client_algorithm(config.algorithm, settings, model.numel, data.num_clients, device)
+    client_algorithm = make_client_algorithm(
+        config.algorithm, settings, model.numel, data.num_clients, device, state_memory_mb=config.scaffold_memory_mb
+    )
     server_optimizer = make_server_optimizer_for(config.algorithm, config.server)
     aggregator_options = config.server.model_dump()
-    backend = make_backend(config.backend, model, data, settings, seed)
+    backend = make_backend(
+        config.backend, model, data, settings, seed, workers=config.workers, max_clients=config.vector_clients
+    )
 
     total_steps = 0
     last_round_stats: dict[str, Any] = {}
