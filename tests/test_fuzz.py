@@ -100,8 +100,8 @@ def test_overrides_into_a_non_table_are_refused():
 # Partitioners
 # --------------------------------------------------------------------------------------------
 
-# Hostile integers: negative, zero, large. (Non-integers — None, str, inf, 1e300, 2.0 — are not yet rejected
-# cleanly by fedgma.data.partition: see the xfail below.) Rates (alpha, beta) get NaN/inf/negative floats.
+# Hostile integers: negative, zero, large. (Non-integers — None, str, inf, 1e300, 2.0 — must be rejected
+# with a ValueError too: see test_partitioners_reject_wrong_types_with_value_error.) Rates (alpha, beta) get NaN/inf/negative floats.
 sizes = st.one_of(st.integers(-5, 300), st.sampled_from([0, 1, -(10**9)]))
 small_counts = st.integers(-3, 60)
 positive_reals = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 5))
@@ -166,9 +166,6 @@ def test_quantity_partition(num_samples, num_clients, beta, min_size):
         check_sound(parts, num_samples)
 
 
-@pytest.mark.xfail(strict=True, reason="fedgma.data.partition raises TypeError, not ValueError, for None/str "
-                   "counts (int(x) before the type check) and accepts num_clients=2.0 then crashes in "
-                   "np.array_split, and overflows on inf/1e300; found by fuzzing")
 @pytest.mark.parametrize(("num_samples", "num_clients"),
                          [(None, 3), (10, 2.0), (float("inf"), 1), (0, float("inf")), (0, 1e300)])
 def test_partitioners_reject_wrong_types_with_value_error(num_samples, num_clients):
@@ -225,8 +222,6 @@ def test_aggregators_work_or_raise_value_error(name, replies, clip):
     assert stats.get("num_clients", len(admitted)) == len(admitted)
 
 
-@pytest.mark.xfail(strict=True, reason="fedgma.aggregation: a positive weight that underflows float32 (e.g. 1e-60) "
-                   "is accepted and the result is 0/0 = NaN; found by fuzzing")
 @pytest.mark.parametrize("name", ["mean", "gma"])
 def test_a_tiny_positive_weight_gives_a_finite_result_or_an_error(name):
     aggregator = make_aggregator(name)

@@ -191,6 +191,11 @@ class _Accumulator:
             raise ValueError("cannot aggregate: no client update was added (empty list)")
         if self.total_weight <= 0:
             raise ValueError("cannot aggregate: the client weights sum to zero")
+        if self.total_weight < torch.finfo(self._dtype).tiny:  # type: ignore[arg-type]
+            raise ValueError(
+                f"cannot aggregate: the client weights sum to {self.total_weight:g}, too small for "
+                f"{self._dtype} (use sample counts as weights)"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,11 +39,16 @@ def _rng(seed: Seed) -> np.random.Generator:
     return np.random.default_rng(int(seed))
 
 
+def _check_count(name: str, value: object, minimum: int) -> int:
+    """An integer count (Python or numpy integer, not bool) of at least ``minimum``, else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
 def _check_clients(num_samples: int, num_clients: int, min_size: int = 0) -> None:
-    if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
-    if isinstance(min_size, bool) or int(min_size) != min_size or min_size < 0:
-        raise ValueError(f"min_size must be an integer ≥ 0, got {min_size!r}")
+    _check_count("num_clients", num_clients, 1)
+    _check_count("min_size", min_size, 0)
     if num_clients * max(min_size, 0) > num_samples:
         raise ValueError(
             f"cannot give {num_clients} clients at least min_size={min_size} samples each from {num_samples} samples"
@@ -79,8 +84,7 @@ def _check_positive(name: str, value: float) -> float:
 
 def iid(num_samples: int, num_clients: int, seed: Seed = 0) -> list[np.ndarray]:
     """IID split (NIID-Bench ``homo``): a random permutation cut into near-equal parts."""
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
-        raise ValueError(f"num_samples must be an integer ≥ 0, got {num_samples!r}")
+    _check_count("num_samples", num_samples, 0)
     _check_clients(num_samples, num_clients)
     permutation = _rng(seed).permutation(int(num_samples))
     return [np.sort(part).astype(np.int64) for part in np.array_split(permutation, num_clients)]
@@ -205,8 +209,7 @@ def quantity(
     ``min_size`` records first and the rest by the drawn shares, so the minimum holds without
     NIID-Bench's redraw loop.
     """
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
-        raise ValueError(f"num_samples must be an integer ≥ 0, got {num_samples!r}")
+    _check_count("num_samples", num_samples, 0)
     _check_clients(num_samples, num_clients, min_size)
     rng = _rng(seed)
     sizes = _target_sizes(_size_proportions(num_clients, rng, beta, sigma), int(num_samples), min_size)
