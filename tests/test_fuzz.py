@@ -101,7 +101,8 @@ def test_overrides_into_a_non_table_are_refused():
 # --------------------------------------------------------------------------------------------
 
 # Hostile integers: negative, zero, large. (Non-integers — None, str, inf, 1e300, 2.0 — must be rejected
-# with a ValueError too: see test_partitioners_reject_wrong_types_with_value_error.) Rates (alpha, beta) get NaN/inf/negative floats.
+# with a ValueError too: see test_partitioners_reject_wrong_types_with_value_error.)
+# Rates (alpha, beta) get NaN/inf/negative floats.
 sizes = st.one_of(st.integers(-5, 300), st.sampled_from([0, 1, -(10**9)]))
 small_counts = st.integers(-3, 60)
 positive_reals = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 5))
