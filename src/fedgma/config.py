@@ -110,10 +110,10 @@ class DataConfig(_Section):
     @field_validator("options")
     @classmethod
     def _loader_takes_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from fedgma.data.federated import check_dataset_options
+        from fedgma.data.datasets import check_options
 
         if "dataset" in info.data:
-            check_dataset_options(info.data["dataset"], value)
+            check_options(info.data["dataset"], value)
         return value
 
     @model_validator(mode="after")

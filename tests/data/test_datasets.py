@@ -231,7 +231,7 @@ def test_npz_bad_contents(tmp_path, arrays, message):
 def test_npz_missing_and_corrupt(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_dataset("npz", path=str(tmp_path / "absent.npz"))
-    with pytest.raises(DatasetError, match="set data.path"):
+    with pytest.raises(DatasetError, match="set data.options.path"):
         load_dataset("npz")
     path = tmp_path / "cut.npz"
     np.savez(path, x=np.zeros((50, 50)), y=np.zeros(50, int))

@@ -11,6 +11,7 @@ are the Colored MNIST environments of :mod:`fedgma.data.domains`.
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import inspect
 import io
@@ -20,6 +21,7 @@ import tarfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,9 +327,9 @@ def _digits(data_dir: str | None, download: bool, test_fraction: float = 0.25, s
 
 Loader = Callable[..., DatasetSplits]
 _LOADERS: dict[str, Loader] = {
-    "fashion-mnist": lambda data_dir=None, download=False, **_: _idx_dataset("fashion-mnist", data_dir, download),
-    "mnist": lambda data_dir=None, download=False, **_: _idx_dataset("mnist", data_dir, download),
-    "digits": lambda data_dir=None, download=False, **_: _digits(data_dir, download),
+    "fashion-mnist": lambda data_dir=None, download=False: _idx_dataset("fashion-mnist", data_dir, download),
+    "mnist": lambda data_dir=None, download=False: _idx_dataset("mnist", data_dir, download),
+    "digits": lambda data_dir=None, download=False: _digits(data_dir, download),
 }
 
 
@@ -387,27 +389,39 @@ def available_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(name: str, data_dir: str | None = None, download: bool = False, **options) -> DatasetSplits:
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise :class:`DatasetError` naming every option that dataset ``name``'s loader does not take.
+
+    Called when a config is read, so a misspelt ``[data.options]`` key stops a sweep before it
+    starts. A loader with a ``**kwargs`` parameter passes its options on and checks them itself.
+    """
+    if name not in _LOADERS:
+        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+    try:
+        parameters = inspect.signature(_LOADERS[name]).parameters
+    except (TypeError, ValueError):  # builtins and some callables have no signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = sorted(set(parameters) - {"data_dir", "download"})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        close = {o: difflib.get_close_matches(o, accepted, n=1, cutoff=0.6) for o in unknown}
+        hints = [f"{match[0]!r} for {o!r}" for o, match in close.items() if match]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise DatasetError(
+            f"dataset {name!r} does not take option(s) {', '.join(unknown)}{hint}; "
+            f"it takes: {', '.join(accepted) or 'no options'}"
+        )
+
+
+def load_dataset(name: str, data_dir: str | None = None, download: bool = False, **options: Any) -> DatasetSplits:
     """Load a dataset by name; ``options`` are loader-specific (e.g. Synthetic's α, β).
 
     An option the loader does not take is a :class:`DatasetError` naming the options it does take.
     """
-    if name not in _LOADERS:
-        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
-    loader = _LOADERS[name]
-    try:
-        parameters = inspect.signature(loader).parameters
-    except (TypeError, ValueError):  # builtins and some callables have no signature
-        parameters = {}
-    if parameters and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        unknown = sorted(set(options) - set(parameters))
-        if unknown:
-            accepted = sorted(set(parameters) - {"data_dir", "download"})
-            raise DatasetError(
-                f"dataset {name!r} does not take option(s) {', '.join(unknown)}; "
-                f"it takes: {', '.join(accepted) or 'no options'}"
-            )
-    return loader(data_dir=data_dir, download=download, **options)
+    check_options(name, options)
+    return _LOADERS[name](data_dir=data_dir, download=download, **options)
 
 
 # Registers synthetic, femnist, npz, csv, parquet and file (imported last: it uses DatasetError).

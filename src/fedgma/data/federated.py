@@ -40,7 +40,7 @@ import torch
 
 from fedgma.data import partition
 from fedgma.data.arrays import ArrayDataset, DatasetSplits
-from fedgma.data.datasets import DatasetError, load_dataset
+from fedgma.data.datasets import DatasetError, check_options, load_dataset
 from fedgma.data.domains import Domain, feature_skew, held_out_domains, noise_domains
 from fedgma.seeding import numpy_rng, seed_sequence
 
@@ -49,7 +49,6 @@ __all__ = [
     "FederatedDataset",
     "available_partitions",
     "build_federated",
-    "check_dataset_options",
     "hold_out_validation",
     "label_counts",
     "make_domains",
@@ -168,43 +167,6 @@ def _loader(name: str) -> Callable[..., DatasetSplits] | None:
     return datasets._LOADERS.get(name)  # noqa: SLF001  (the registry of the sibling module)
 
 
-def check_dataset_options(name: str, options: dict[str, Any]) -> None:
-    """Raise ValueError naming any option in ``options`` that dataset ``name``'s loader does not take.
-
-    Checked when the config is read, so a misspelt ``[data.options]`` key stops a sweep before it
-    starts. A loader whose catch-all parameter is ``**_`` (fashion-mnist, mnist, digits) takes none.
-    """
-    loader = _loader(name)
-    if loader is None or not options:
-        return
-    try:
-        parameters = inspect.signature(loader).parameters
-    except (TypeError, ValueError):
-        return
-    forwarded = [p for p in parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD and p.name != "_"]
-    if forwarded:  # e.g. the "file" loader passes its options on and checks them itself
-        return
-    accepted = sorted(
-        p for p, spec in parameters.items()
-        if spec.kind is not inspect.Parameter.VAR_KEYWORD and p not in ("data_dir", "download")
-    )
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        close = [o for o in unknown if _close(o, accepted)]
-        hint = f" (did you mean {_close(close[0], accepted)!r} for {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"dataset {name!r} does not take option(s) {', '.join(unknown)}"
-            f"{hint}; it takes: {', '.join(accepted) or 'no options'}"
-        )
-
-
-def _close(word: str, candidates: list[str]) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
 _CACHE: dict[str, DatasetSplits] = {}
 _CACHE_SIZE = 2
 # Only the large fixed image sets are kept (user files may change between loads; the rest load fast).
@@ -227,7 +189,7 @@ def _load(cfg: Any, total_clients: int) -> DatasetSplits:
         except (TypeError, ValueError):
             pass
     try:
-        check_dataset_options(cfg.dataset, options)
+        check_options(cfg.dataset, options)
     except ValueError as error:
         raise DatasetError(f"config key 'data.options': {error}") from None
     key = json.dumps([cfg.dataset, cfg.data_dir, cfg.download, options], sort_keys=True, default=str)

@@ -205,7 +205,7 @@ def _assemble(
 
 def _resolve(path: str | None, data_dir: str | None, kind: str) -> Path:
     if not path:
-        raise DatasetError(f"{kind}: set data.path (the file to load)")
+        raise DatasetError(f"{kind}: set data.options.path (the file to load)")
     resolved = Path(path).expanduser()
     if not resolved.is_absolute() and data_dir:
         resolved = Path(data_dir).expanduser() / resolved
