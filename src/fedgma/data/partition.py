@@ -60,7 +60,8 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        if not np.issubdtype(labels.dtype, np.floating) or not np.all(labels == np.round(labels)):
+        floating = np.issubdtype(labels.dtype, np.floating)
+        if not floating or not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         labels = labels.astype(np.int64)
     return labels
