@@ -629,13 +629,12 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
             _band(ax_agree, group.runs, "mask_pass_fraction", "fraction with agreement ≥ τ", source="rounds")
             ax_agree.set_title("sign agreement", fontsize=9)
             ax_agree.set_ylabel("value")
-            edges = [i / 10 + 0.05 for i in range(10)]
             for layer in layers:
                 hist = _mean_histogram(group.runs, f"agreement_histogram/{layer}")
                 if hist:
-                    ax_hist.plot(edges, hist, marker="o", markersize=3, label=layer)
+                    ax_hist.stairs(hist, [i / len(hist) for i in range(len(hist) + 1)], label=layer, linewidth=1.5)
             ax_hist.axvline(group.threshold or 0, color="red", linestyle="--", label=f"τ = {group.threshold:g}")
-            ax_hist.set_title("agreement histogram per layer (all rounds)", fontsize=9)
+            ax_hist.set_title("agreement histogram per layer (10 bins, all rounds)", fontsize=9)
             ax_hist.set_xlabel("sign agreement |mean sign|")
             ax_hist.set_ylabel("fraction of coordinates")
             for ax in (ax_density, ax_agree):
