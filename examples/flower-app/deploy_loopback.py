@@ -1,194 +1,65 @@
-"""Loopback deployment (work in progress, not a test): SuperLink + 3 SuperNodes, TLS, node auth, flwr run.
+"""A Flower deployment on this machine: SuperLink + 3 SuperNodes on 127.0.0.1, TLS and node auth, one node killed.
 
-Usage: python examples/flower-app/deploy_loopback.py WORKDIR. Kills node2 after round 1; see docs/FLOWER.md.
+Usage::
+
+    python examples/flower-app/deploy_loopback.py WORKDIR [--no-kill]
+
+Makes the certificates and node keys under WORKDIR (fedgma.flower.loopback), starts the SuperLink
+and three SuperNodes (partition-id 0, 1, 2), runs this app for 4 rounds of FedAvg + GMA on digits
+with ``server.min_clients = 2``, SIGKILLs SuperNode 2 once it has started its ClientApp on round
+2's train message, and prints each round's aggregated / lost / unreachable clients and the test
+accuracy. Every process it starts is ended on exit. The automated version with assertions is
+``tests/flower/test_deployment.py`` (``pytest tests/flower/test_deployment.py -m slow``).
 """
 
-import contextlib
-import datetime
-import ipaddress
-import os
-import signal
-import socket
-import subprocess
+import json
+import re
 import sys
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from fedgma.flower.loopback import LoopbackDeployment
 
-root = Path(sys.argv[1])
-root.mkdir(parents=True, exist_ok=True)
-bin_ = Path(sys.executable).parent
+ROUND_2_AT_NODE_2 = re.compile(r"ROUND 2\][^\n]*\n[^\n]*Receiving: train message.*?Start `flwr-clientapp` process",
+                               re.S)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+def main(workdir: Path, kill: bool = True) -> None:
+    run_dir = workdir / "run"
+    run_config = (f"rounds=4 eval_every=1 data.num_clients=3 server.clients_per_round=3 server.min_clients=2 "
+                  f"round-timeout=150.0 run-dir='{run_dir}'")
+    with LoopbackDeployment(workdir / "deployment") as dep:
+        dep.start_superlink()
+        for k in range(3):
+            dep.register_node(f"node{k}")
+            dep.start_node(f"node{k}", node_config=f"partition-id={k} num-partitions=3")
+        dep.wait_for_nodes(3)
+        run_id = dep.run_app(Path(__file__).resolve().parent, run_config)
+        print(f"run {run_id} started; logs in {dep.root}")
+        deadline = time.monotonic() + 600
+        killed = not kill
+        while not (run_dir / "summary.json").is_file():
+            if time.monotonic() > deadline or "Finished task" in dep.log("superlink"):
+                time.sleep(1.0)
+                if (run_dir / "summary.json").is_file():
+                    break
+                print(dep.run_log(run_id)[-4000:])
+                raise SystemExit("the run did not finish")
+            if not killed and ROUND_2_AT_NODE_2.search(dep.log("node2")):
+                dep.kill("node2")
+                killed = True
+                print("SIGKILL to SuperNode 2 (partition 2) while it trains on round 2")
+            time.sleep(0.2)
+    for line in (run_dir / "rounds.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        print(f"round {r['round']}: aggregated {r['aggregated']}, lost {r.get('lost', {})}, "
+              f"unreachable {r.get('unreachable', [])}, {r['round_s']:.1f} s")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"test accuracy: initial {summary['initial']['test_accuracy']:.4f}, "
+          f"final {summary['final']['test_accuracy']:.4f}")
 
 
-def pem_key(k):
-    return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-now = datetime.datetime.now(datetime.timezone.utc)
-ca_key = ec.generate_private_key(ec.SECP384R1())
-ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedgma test CA")])
-ca = (
-    x509.CertificateBuilder()
-    .subject_name(ca_name)
-    .issuer_name(ca_name)
-    .public_key(ca_key.public_key())
-    .serial_number(x509.random_serial_number())
-    .not_valid_before(now - datetime.timedelta(minutes=5))
-    .not_valid_after(now + datetime.timedelta(days=1))
-    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    .sign(ca_key, hashes.SHA256())
-)
-srv_key = ec.generate_private_key(ec.SECP384R1())
-srv = (
-    x509.CertificateBuilder()
-    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-    .issuer_name(ca_name)
-    .public_key(srv_key.public_key())
-    .serial_number(x509.random_serial_number())
-    .not_valid_before(now - datetime.timedelta(minutes=5))
-    .not_valid_after(now + datetime.timedelta(days=1))
-    .add_extension(
-        x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-        critical=False,
-    )
-    .sign(ca_key, hashes.SHA256())
-)
-(root / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-(root / "server.pem").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
-(root / "server.key").write_bytes(pem_key(srv_key))
-for k in range(3):
-    key = ec.generate_private_key(ec.SECP384R1())
-    (root / f"node{k}").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    )
-    (root / f"node{k}.pub").write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-fleet, control, rt, health = free_port(), free_port(), free_port(), free_port()
-home = root / "home"
-(home / ".flwr").mkdir(parents=True, exist_ok=True)
-(home / ".flwr" / "config.toml").write_text(
-    f'[superlink]\ndefault = "dep"\n\n[superlink.dep]\naddress = "127.0.0.1:{rt}"\nroot-certificates = "{root / "ca.pem"}"\n'  # noqa: E501
-)
-env = {
-    **os.environ,
-    "HOME": str(home),
-    "PATH": f"{bin_}:{os.environ['PATH']}",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
-procs = {}
-
-
-def start(name, args):
-    log = open(root / f"{name}.log", "w")  # noqa: SIM115
-    procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-try:
-    start(
-        "superlink",
-        [
-            str(bin_ / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(root / "ca.pem"),
-            "--ssl-certfile",
-            str(root / "server.pem"),
-            "--ssl-keyfile",
-            str(root / "server.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--fleet-api-address",
-            f"127.0.0.1:{fleet}",
-            "--control-api-address",
-            f"127.0.0.1:{control}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(rt),
-            "--database",
-            str(root / "state.db"),
-        ],
-    )
-    time.sleep(8)
-    for k in range(3):
-        r = subprocess.run(
-            [str(bin_ / "flwr"), "supernode", "register", str(root / f"node{k}.pub"), "dep"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        print("register", k, r.returncode, r.stdout[-300:], r.stderr[-500:])
-    for k in range(3):
-        start(
-            f"node{k}",
-            [
-                str(bin_ / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{rt}",
-                "--root-certificates",
-                str(root / "ca.pem"),
-                "--auth-supernode-private-key",
-                str(root / f"node{k}"),
-                "--auth-supernode-public-key",
-                str(root / f"node{k}.pub"),
-                "--node-config",
-                f"partition-id={k} num-partitions=3",
-                "--port",
-                str(free_port()),
-            ],
-        )
-    time.sleep(5)
-    run_dir = root / "run"
-    r = subprocess.run(
-        [
-            str(bin_ / "flwr"),
-            "run",
-            str(Path(__file__).resolve().parent),
-            "dep",
-            "--run-config",
-            f"rounds=4 eval_every=1 data.num_clients=3 server.clients_per_round=3 server.min_clients=2 round-timeout=90.0 run-dir='{run_dir}'",  # noqa: E501
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    print("run", r.returncode, r.stdout[-800:], r.stderr[-800:])
-    deadline = time.time() + 240
-    killed = False
-    while time.time() < deadline:
-        rounds = (run_dir / "rounds.jsonl").read_text().splitlines() if (run_dir / "rounds.jsonl").exists() else []
-        if len(rounds) >= 1 and not killed:
-            time.sleep(0.3)
-            os.killpg(procs["node2"].pid, signal.SIGKILL)
-            killed = time.time()
-            print("killed node2 after round", len(rounds))
-        if (run_dir / "summary.json").exists():
-            print("finished", time.time() - killed)
-            break
-        time.sleep(0.2)
-    print(open(run_dir / "metrics.jsonl").read() if (run_dir / "metrics.jsonl").exists() else "no metrics")  # noqa: SIM115
-    print(open(run_dir / "rounds.jsonl").read() if (run_dir / "rounds.jsonl").exists() else "no rounds")  # noqa: SIM115
-finally:
-    for _name, p in procs.items():
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-    time.sleep(2)
-    for _name, p in procs.items():
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    main(Path(sys.argv[1]).resolve(), kill="--no-kill" not in sys.argv[2:])

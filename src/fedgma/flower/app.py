@@ -258,6 +258,7 @@ class FedGMA(GMAMixin, FedAvg):
         self.node_of_client: dict[int, int] | None = None
         self.last_update_norm = 0.0
         self.sampled: list[int] = []
+        self.unreachable: list[int] = []  # sampled clients whose node was gone when the round was configured
 
     def _discover(self, grid: Grid) -> dict[int, int]:
         """Which node holds which client: wait for the nodes, then ask each (a Flower "query" message)."""
@@ -303,12 +304,15 @@ class FedGMA(GMAMixin, FedAvg):
         self.sampled = sample_clients(
             self.config.seed, server_round, self.config.data.num_clients, self.config.server.clients_per_round
         )
-        online = set(grid.get_node_ids())
+        online = set(grid.get_node_ids())  # the SuperLink lists the nodes it holds online (heartbeats)
         messages = []
+        self.unreachable = []
         for client_id in self.sampled:
             node = self.node_of_client[client_id]
             if node not in online:
-                log(WARNING, "round %d: client %d (node %d) is no longer connected", server_round, client_id, node)
+                log(WARNING, "round %d: client %d (node %d) is no longer connected; skipped",
+                    server_round, client_id, node)
+                self.unreachable.append(client_id)
                 continue
             content = ConfigRecord({
                 **config, "server-round": server_round, "client-id": client_id, EXPERIMENT_KEY: self.config_toml,
@@ -317,6 +321,13 @@ class FedGMA(GMAMixin, FedAvg):
                                     dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
         log(INFO, "configure_train: round %d, clients %s", server_round, self.sampled)
         return messages
+
+    def client_of_node(self, node: str | int) -> int | str:
+        """The client (partition) a node id holds; the node id itself if unknown."""
+        for client_id, node_id in (self.node_of_client or {}).items():
+            if str(node_id) == str(node):
+                return client_id
+        return node
 
     def _server_step(self, server_round: int, aggregated: dict[str, np.ndarray], fold: ReplyAggregator) -> ArrayRecord:
         """θ ← server_optimizer.step(θ, −u) on the flat vector, as fedgma.simulation.run does."""
@@ -376,17 +387,24 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
         stats = dict(last.get("stats", {}))
         stats.pop("num_clients", None)
         stats.pop("num_dropped", None)
+        stats.pop("num_lost", None)
         steps = sum(r.num_steps for r in replies)
         state["total_steps"] += steps
         round_record = {
             "round": server_round,
             "clients": strategy.sampled,
+            # the clients whose replies were aggregated (the sampled ones less unreachable, lost, dropped)
+            "aggregated": sorted(int(m["client-id"]) for m in last.get("metrics", []) if "client-id" in m),
             "train_loss": mean_train_loss(replies),
             "local_steps": steps,
             "update_norm": strategy.last_update_norm if stats else 0.0,
             **({} if stats else {"skipped": True}),
             **stats,
             **({"dropped": {node: why for node, why in last["dropped"]}} if last.get("dropped") else {}),
+            # sampled, but the node was offline when the round began (not sent) / vanished during the round
+            **({"unreachable": list(strategy.unreachable)} if strategy.unreachable else {}),
+            **({"lost": {str(strategy.client_of_node(node)): why for node, why in last["lost"]}}
+               if last.get("lost") else {}),
             "round_s": time.perf_counter() - state["round_start"],
         }
         write("rounds", round_record)

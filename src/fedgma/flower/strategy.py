@@ -14,7 +14,13 @@ TMLR 2023).
 Every reply is validated before any of it is used: an error reply, a missing or misnamed array, a
 wrong shape or dtype, a non-finite value, a missing/negative/non-finite weight. A bad reply is
 dropped with a warning naming its node (``on_invalid="drop"``) or stops the round with
-:class:`InvalidReplyError` (``on_invalid="fail"``). Floating-point arrays go through GMA; integer
+:class:`InvalidReplyError` (``on_invalid="fail"``). A *lost* reply is not a bad one: when a node
+vanishes mid-round, Flower's SuperLink answers the server for it with an error reply of its own
+(``NODE_UNAVAILABLE`` once the node has missed its heartbeats, ``MESSAGE_UNAVAILABLE`` /
+``REPLY_MESSAGE_UNAVAILABLE`` for an expired message, ``CLIENT_APP_CRASHED`` from a SuperNode whose
+ClientApp died); such a reply, and a message left unanswered at the round's timeout, is counted as
+lost, never fails the round, and the round goes on with the replies that came if there are at least
+``min_replies`` of them. Floating-point arrays go through GMA; integer
 and boolean arrays (e.g. BatchNorm's ``num_batches_tracked``) are averaged plainly, rounded, keep
 their dtype and bypass the server step: a counter is never pushed through a sign or a momentum.
 
@@ -28,13 +34,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
@@ -71,9 +78,29 @@ def _kind(dtype: str) -> str:
     raise ValueError(f"array dtype {dtype} is not supported (floating-point, integer or boolean arrays only)")
 
 
-def _node(message: Message) -> str:
+# Error codes with which Flower reports a reply that never came (the node, its ClientApp or the message
+# went away), as opposed to a ClientApp that ran and failed (CLIENT_APP_RAISED_EXCEPTION, …). The
+# SuperLink makes the first three itself (flwr/server/superlink/linkstate/utils.py), with its own node
+# id as the sender; a SuperNode makes CLIENT_APP_CRASHED for a ClientApp that stopped responding.
+LOST_REPLY_CODES = frozenset({
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.NODE_UNAVAILABLE,
+    ErrorCode.CLIENT_APP_CRASHED,
+})
+
+
+def _node(message: Message, destinations: Mapping[str, int] | None = None) -> str:
+    """The node a reply is about: the destination of the message it answers when known.
+
+    An error reply made by the SuperLink for a vanished node has the SuperLink as its sender, so
+    the sender would name the wrong node; the message it replies to names the right one.
+    """
     try:
-        return str(message.metadata.src_node_id)
+        metadata = message.metadata
+        if destinations and metadata.reply_to_message_id in destinations:
+            return str(destinations[metadata.reply_to_message_id])
+        return str(metadata.src_node_id)
     except Exception:  # noqa: BLE001  (a hand-built message may lack metadata)
         return "?"
 
@@ -87,6 +114,11 @@ class ReplyAggregator:
     floating-point array has its own streaming aggregator; since the rules act coordinate by
     coordinate with one weight per client, this is the same arithmetic as one aggregator over the
     concatenated flat vector.
+
+    ``destinations`` maps the id of each message sent to the node it was sent to (see
+    :attr:`StreamingGrid.destinations`), so that a reply made by the SuperLink for a vanished node
+    names that node. Replies whose error code is in :data:`LOST_REPLY_CODES` go to ``lost`` (never
+    an error, whatever ``on_invalid``); other bad replies go to ``dropped`` or raise.
     """
 
     def __init__(
@@ -97,6 +129,7 @@ class ReplyAggregator:
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
         on_invalid: str = "drop",
+        destinations: Mapping[str, int] | None = None,
     ) -> None:
         if on_invalid not in ("drop", "fail"):
             raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
@@ -119,14 +152,22 @@ class ReplyAggregator:
         self.rule = rule
         self.count = 0
         self.total_weight = 0.0
-        self.dropped: list[tuple[str, str]] = []  # (node id, reason)
+        self.destinations = dict(destinations or {})
+        self.dropped: list[tuple[str, str]] = []  # (node id, reason): bad replies
+        self.lost: list[tuple[str, str]] = []  # (node id, reason): replies that never came
         self.metrics: list[MetricRecord] = []  # each admitted reply's metrics (small), for metric aggregation
         self.updates: dict[str, Tensor] = {}  # the aggregated update u of each float array, set by result()
 
     # -- validation --------------------------------------------------------------------------
 
+    def _lose(self, message: Message, reason: str) -> bool:
+        node = _node(message, self.destinations)
+        log(WARNING, "GMA: no reply from node %s (going on without it): %s", node, reason)
+        self.lost.append((node, reason))
+        return False
+
     def _reject(self, message: Message, reason: str) -> bool:
-        node = _node(message)
+        node = _node(message, self.destinations)
         if self.on_invalid == "fail":
             raise InvalidReplyError(f"reply from node {node}: {reason}")
         log(WARNING, "GMA: dropping the reply from node %s: %s", node, reason)
@@ -198,6 +239,8 @@ class ReplyAggregator:
         """Validate one reply and fold it in; False if it was dropped (see ``dropped``)."""
         if message.has_error():
             error = message.error
+            if error.code in LOST_REPLY_CODES:
+                return self._lose(message, f"Flower error code {error.code}: {error.reason}")
             return self._reject(message, f"the client reported an error (code {error.code}): {error.reason}")
         if not message.has_content():
             return self._reject(message, "the reply has no content")
@@ -245,7 +288,9 @@ class ReplyAggregator:
         return arrays, self._statistics(per_key)
 
     def _statistics(self, per_key: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        stats: dict[str, Any] = {"num_clients": self.count, "num_dropped": len(self.dropped)}
+        stats: dict[str, Any] = {
+            "num_clients": self.count, "num_dropped": len(self.dropped), "num_lost": len(self.lost),
+        }
         if not per_key or "mask_density" not in next(iter(per_key.values())):
             return stats
         numel = {key: self.reference[key].numel() for key in per_key}
@@ -268,34 +313,64 @@ class ReplyAggregator:
 class StreamingGrid:
     """A Grid whose ``send_and_receive`` yields replies as they arrive instead of collecting them.
 
-    Messages are pushed at once; replies are pulled every ``pull_interval`` seconds and yielded one
-    by one until every message is answered or ``timeout`` seconds have passed. Everything else is
-    delegated to the wrapped grid.
+    Messages are pushed at once; replies are pulled and yielded one by one until every message is
+    answered or ``timeout`` seconds have passed. The pause between pulls starts at ``pull_interval``
+    and doubles after each pull that brought nothing, up to ``max_pull_interval`` (back to
+    ``pull_interval`` when replies come): on a deployment every pull is an HTTPS request to the
+    SuperLink and a database query there, which a 0.1 s loop over a minute-long round would make
+    hundreds of times. Everything else is delegated to the wrapped grid.
+
+    After each ``send_and_receive``, ``destinations`` maps each pushed message's id to the node it
+    was sent to, and once the replies are consumed ``unanswered`` lists the nodes whose message had
+    no reply (not even an error reply from the SuperLink) when the timeout came. A message the grid
+    could not push (``None`` id) is left out of both with a warning, instead of being waited for.
     """
 
-    def __init__(self, grid: Grid, pull_interval: float = 0.1) -> None:
+    def __init__(self, grid: Grid, pull_interval: float = 0.1, max_pull_interval: float = 2.0) -> None:
+        if not 0 < pull_interval <= max_pull_interval:
+            raise ValueError(
+                f"need 0 < pull_interval ≤ max_pull_interval, got {pull_interval} and {max_pull_interval}"
+            )
         self._grid = grid
         self.pull_interval = pull_interval
+        self.max_pull_interval = max_pull_interval
+        self.destinations: dict[str, int] = {}
+        self.unanswered: list[int] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
-        pending = set(self._grid.push_messages(messages))
-        return self._pull(pending, timeout)
+        messages = list(messages)  # Flower's push_messages iterates them twice; they share the model's arrays
+        nodes = [getattr(getattr(m, "metadata", None), "dst_node_id", None) for m in messages]
+        ids = list(self._grid.push_messages(messages))
+        del messages
+        self.destinations = {mid: node for mid, node in zip(ids, nodes, strict=False) if mid is not None}
+        self.unanswered = []
+        if len(self.destinations) < len(nodes):
+            log(WARNING, "%d of %d message(s) could not be pushed to the SuperLink; not waiting for them",
+                len(nodes) - len(self.destinations), len(nodes))
+        return self._pull(set(self.destinations), timeout)
 
     def _pull(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        wait = self.pull_interval
         while pending:
+            got = 0
             for reply in self._grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
+                got += 1
                 yield reply
             if not pending:
                 return
-            if deadline is not None and time.monotonic() >= deadline:
-                log(WARNING, "no reply to %d message(s) within %.0f s; going on without them", len(pending), timeout)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.unanswered = sorted((self.destinations[m] for m in pending), key=str)
+                log(WARNING, "no reply to %d message(s) within %.0f s (nodes %s); going on without them",
+                    len(pending), timeout, self.unanswered)
                 return
-            time.sleep(self.pull_interval)
+            wait = self.pull_interval if got else min(2 * wait, self.max_pull_interval)
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - now)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,12 +400,15 @@ class GMAMixin:
     * ``threshold`` (τ, default 0.4), ``hard`` (AND-mask), ``weighted_agreement``: GMA's options;
     * ``on_invalid``: ``"drop"`` (default) a bad reply with a warning naming its node, or ``"fail"``;
     * ``min_replies``: fewest valid replies a round needs (default 1); with fewer, the round leaves
-      the global model unchanged and says so;
-    * ``pull_interval``: seconds between pulls of replies while streaming (default 0.1).
+      the global model unchanged and says so. Lost replies (a node that vanished mid-round, a
+      message unanswered at ``start``'s ``timeout``) simply do not count towards it;
+    * ``pull_interval`` / ``max_pull_interval``: first and longest pause between pulls of replies
+      while streaming (default 0.1 s and 2 s; see :class:`StreamingGrid`).
 
     After each round ``last_round`` holds the aggregation statistics (mask density, agreement
-    histogram, dropped nodes) and the admitted replies' metrics; the aggregated MetricRecord
-    carries the scalar statistics too (``gma-mask-density``, ``gma-num-dropped``, …).
+    histogram), the dropped (bad) and lost (never came) replies as (node id, reason) pairs, and the
+    admitted replies' metrics; the aggregated MetricRecord carries the scalar statistics too
+    (``gma-mask-density``, ``gma-num-dropped``, ``gma-num-lost``, …).
     """
 
     def __init__(
@@ -343,6 +421,7 @@ class GMAMixin:
         on_invalid: str = "drop",
         min_replies: int = 1,
         pull_interval: float = 0.1,
+        max_pull_interval: float = 2.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -350,20 +429,27 @@ class GMAMixin:
             raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be ≥ 1, got {min_replies}")
+        if not 0 < pull_interval <= max_pull_interval:
+            raise ValueError(
+                f"need 0 < pull_interval ≤ max_pull_interval, got {pull_interval} and {max_pull_interval}"
+            )
         make_aggregator(aggregator, threshold=threshold, hard=hard)  # fail now on a bad name or threshold
         self.gma_rule = aggregator
         self.gma_options = {"threshold": threshold, "hard": hard, "weighted_agreement": weighted_agreement}
         self.on_invalid = on_invalid
         self.min_replies = min_replies
         self.pull_interval = pull_interval
+        self.max_pull_interval = max_pull_interval
         self.last_round: dict[str, Any] = {}
+        self._stream: StreamingGrid | None = None
         self._global_arrays: ArrayRecord | None = None
         self._in_server_step = False
 
     def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
         """Flower's round loop, with replies streamed into the aggregator as they arrive."""
         if not isinstance(grid, StreamingGrid):
-            grid = StreamingGrid(grid, self.pull_interval)  # type: ignore[assignment]
+            grid = StreamingGrid(grid, self.pull_interval, self.max_pull_interval)  # type: ignore[assignment]
+        self._stream = grid  # type: ignore[assignment]
         return super().start(grid, *args, **kwargs)  # type: ignore[misc]
 
     def configure_train(
@@ -384,10 +470,16 @@ class GMAMixin:
             weighted_by_key=self.weighted_by_key,  # type: ignore[attr-defined]
             arrayrecord_key=self.arrayrecord_key,  # type: ignore[attr-defined]
             on_invalid=self.on_invalid,
+            destinations=self._stream.destinations if self._stream is not None else None,
         )
         fold.add_all(replies)
-        self.last_round = {"round": server_round, "dropped": fold.dropped, "metrics": fold.metrics, "stats": {}}
-        log(INFO, "aggregate_train (GMA): %d replies used, %d dropped", fold.count, len(fold.dropped))
+        if self._stream is not None:  # after the replies are consumed: the messages the timeout cut off
+            fold.lost.extend((str(node), "no reply before the round's timeout") for node in self._stream.unanswered)
+        self.last_round = {
+            "round": server_round, "dropped": fold.dropped, "lost": fold.lost, "metrics": fold.metrics, "stats": {},
+        }
+        log(INFO, "aggregate_train (GMA): %d replies used, %d dropped, %d lost",
+            fold.count, len(fold.dropped), len(fold.lost))
         if fold.count < self.min_replies or fold.total_weight <= 0:
             log(
                 WARNING,
