@@ -393,8 +393,10 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
         round_record = {
             "round": server_round,
             "clients": strategy.sampled,
-            # the clients whose replies were aggregated (the sampled ones less unreachable, lost, dropped)
-            "aggregated": sorted(int(m["client-id"]) for m in last.get("metrics", []) if "client-id" in m),
+            # the clients whose replies were aggregated (the sampled ones less unreachable, lost, dropped;
+            # none when the round was skipped for having fewer than server.min_clients valid replies)
+            "aggregated": sorted(int(m["client-id"]) for m in last.get("metrics", []) if "client-id" in m)
+            if stats else [],
             "train_loss": mean_train_loss(replies),
             "local_steps": steps,
             "update_norm": strategy.last_update_norm if stats else 0.0,
