@@ -41,7 +41,9 @@ from fedgma.plots import write_partition_files
 from fedgma.robust import update_problem, with_clipping
 from fedgma.seeding import numpy_rng, torch_generator
 
-__all__ = ["BadUpdateError", "evaluate", "local_settings", "run", "sample_clients"]
+__all__ = [
+    "BadUpdateError", "ProgressBar", "evaluate", "evaluate_all", "local_settings", "run", "sample_clients", "summarize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def evaluate(model: FlatModel, params: Tensor, data: ArrayDataset, batch_size: i
     return {"loss": loss_sum / max(len(data), 1), "accuracy": correct / max(len(data), 1)}
 
 
-def _evaluate_all(model: FlatModel, params: Tensor, data: FederatedDataset) -> dict[str, float]:
+def evaluate_all(model: FlatModel, params: Tensor, data: FederatedDataset) -> dict[str, float]:
     """Every test metric of a run: the global test set, each extra test set, their OOD mean, held-out clients.
 
     ``test_*`` is in-distribution (for feature skew the test set is transformed like the training
@@ -179,7 +181,7 @@ def run(
 
     total_steps = 0
     last_round_stats: dict[str, Any] = {}
-    initial = _evaluate_all(model, params, data)  # the untrained model, for "improves over the start"
+    initial = evaluate_all(model, params, data)  # the untrained model, for "improves over the start"
     if checkpoint is not None:
         params = checkpoint["params"].to(device)
         server_optimizer.load_state_dict(_to_device(checkpoint["server_optimizer"], device))
@@ -191,7 +193,7 @@ def run(
     truncate_jsonl(run_dir / "rounds.jsonl", first_round - 1)
     metrics_log = _JsonLines(run_dir / "metrics.jsonl")
     rounds_log = _JsonLines(run_dir / "rounds.jsonl")
-    bar = _progress(config.rounds, progress)
+    bar = ProgressBar(config.rounds, progress)
     bar.update(first_round - 1)
     try:
         for round_index in range(first_round, config.rounds + 1):
@@ -245,7 +247,7 @@ def run(
             if round_index % config.eval_every == 0 or round_index == config.rounds:
                 record = {
                     "round": round_index,
-                    **_evaluate_all(model, params, data),
+                    **evaluate_all(model, params, data),
                     "train_loss": round_record["train_loss"],
                     "total_local_steps": total_steps,
                     **{k: v for k, v in last_round_stats.items() if isinstance(v, float)},
@@ -273,7 +275,7 @@ def run(
         metrics_log.close()
         rounds_log.close()
 
-    summary = _summary(config, history, total_steps, time.perf_counter() - start_time)
+    summary = summarize(config, history, total_steps, time.perf_counter() - start_time)
     summary["initial"] = initial
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save({"round": config.rounds, "params": params.cpu()}, run_dir / "final_model.pt")
@@ -335,7 +337,8 @@ def _find_checkpoint(run_dir: Path, config: Config) -> dict[str, Any] | None:
     return checkpoint
 
 
-def _summary(config: Config, history: list[dict[str, Any]], total_steps: int, wall_s: float) -> dict[str, Any]:
+def summarize(config: Config, history: list[dict[str, Any]], total_steps: int, wall_s: float) -> dict[str, Any]:
+    """``summary.json`` of a run from its evaluations: the final and best accuracies and the cost."""
     final = history[-1]
     best = max(history, key=lambda r: r["test_accuracy"])
     accuracy_keys = [k for k in final if k.endswith("_accuracy")]
@@ -353,7 +356,7 @@ def _summary(config: Config, history: list[dict[str, Any]], total_steps: int, wa
     }
 
 
-class _progress:
+class ProgressBar:
     """A rich progress bar (silent when disabled or when output is not a terminal)."""
 
     def __init__(self, total: int, enabled: bool) -> None:

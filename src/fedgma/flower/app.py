@@ -365,7 +365,7 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     data = build_data(config)
     model = build_flat_model(config, data)
     params = model.params.clone()
-    initial = simulation._evaluate_all(model, params, data)
+    initial = simulation.evaluate_all(model, params, data)
     strategy = FedGMA(config, model)
     history: list[dict[str, Any]] = []
     state = {"total_steps": 0, "round_start": time.perf_counter()}
@@ -373,7 +373,7 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     if out is not None:
         (out / "partition.json").write_text(json.dumps(data.statistics))
         logs = {name: open(out / f"{name}.jsonl", "w", buffering=1) for name in ("rounds", "metrics")}  # noqa: SIM115
-    bar = simulation._progress(config.rounds, progress)
+    bar = simulation.ProgressBar(config.rounds, progress)
 
     def write(name: str, record: dict[str, Any]) -> None:
         if name in logs:
@@ -417,7 +417,7 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
         current = record_to_params(arrays, model)
         record = {
             "round": server_round,
-            **simulation._evaluate_all(model, current, data),
+            **simulation.evaluate_all(model, current, data),
             "train_loss": round_record["train_loss"],
             "total_local_steps": state["total_steps"],
             **{k: v for k, v in stats.items() if isinstance(v, float)},
@@ -437,7 +437,7 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
         bar.close()
         for handle in logs.values():
             handle.close()
-    summary = simulation._summary(config, history, state["total_steps"], time.perf_counter() - start_time)
+    summary = simulation.summarize(config, history, state["total_steps"], time.perf_counter() - start_time)
     summary["initial"] = initial
     summary["engine"] = "flower"
     if out is not None:
