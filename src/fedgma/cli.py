@@ -253,7 +253,10 @@ def _print_table(runs: list[Any]) -> None:
                  _pm(row["final_accuracy"]), _pm(row["best_accuracy"]),
                  *[_pm(row[k]) if k in row else "" for k in extra], f"{row['wall_s']:.0f}"]
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 def _pm(value: tuple[float, float]) -> str:
