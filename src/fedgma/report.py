@@ -447,7 +447,7 @@ def _number(value: float | None, digits: int = 4) -> str:
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     """The experiment table in Markdown; accuracies in %, mean ± std over seeds."""
     extras = sorted({k for r in rows for k in r if k.startswith("final_") and k.endswith("_accuracy")
-                     and k != "final_test_accuracy"})
+                     and k != "final_test_accuracy" and r[k] is not None})
     header = ["setting", "algorithm", "aggregator", "τ", "server lr", "seeds", "final test acc %",
               "best test acc %", *[k.removeprefix("final_").replace("_accuracy", "") + " acc %" for k in extras],
               "target %", "rounds to target", "wall s"]
