@@ -97,7 +97,7 @@ def test_table_matches_the_run_folders(real_runs: Path, tmp_path: Path) -> None:
     (gain,) = result["gains"]
     assert gain["gain_test_accuracy"]["diffs"] == pytest.approx(diffs)
     assert gain["gain_test_accuracy"]["mean"] == pytest.approx(statistics.fmean(diffs))
-    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.303 * statistics.stdev(diffs) / 3**0.5)
+    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.302653 * statistics.stdev(diffs) / 3**0.5)
     markdown = (tmp_path / "summary.md").read_text()
     mean_row = next(r for r in result["rows"] if r["aggregator"] == "mean")
     assert f"{100 * mean_row['final_test_accuracy'][0]:.2f} ± {100 * mean_row['final_test_accuracy'][1]:.2f}" \
@@ -140,7 +140,7 @@ def test_verdict_follows_the_t_interval(tmp_path: Path) -> None:
         fake_run(tmp_path / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.6])
         fake_run(tmp_path / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[gma_final])
     (gain,) = gain_rows(make_groups(find_runs(tmp_path)))
-    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.303 * 0.01 / 3**0.5)
+    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.302653 * 0.01 / 3**0.5)
     assert gain["verdict"] == "gma better"
     # a gain of the same size with noise three times larger does not exclude 0
     noisy = tmp_path / "noisy"
@@ -186,7 +186,8 @@ def test_out_of_distribution_accuracy_gets_a_gain_column_and_a_curve_row(tmp_pat
 
 
 def test_t_quantile() -> None:
-    assert t_quantile(2) == 4.303 and t_quantile(22) == 2.086 and t_quantile(100) == 1.96
+    # Student's t 97.5% quantiles (tables: 12.706, 4.303, 2.074, 1.984)
+    assert [round(t_quantile(d), 3) for d in (1, 2, 22, 100)] == [12.706, 4.303, 2.074, 1.984]
     assert t_quantile(0) != t_quantile(0)  # nan
 
 

@@ -382,6 +382,17 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return config.model_dump(exclude_none=True)
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"server": {"lr": 1}}`` → ``{"server.lr": 1}``: a nested config dict by dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_to_toml(config: Config) -> str:
     """The config as TOML (unset optional values are omitted, since TOML has no null)."""
     return tomli_w.dumps(config_to_dict(config))

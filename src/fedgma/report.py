@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgma.config import flatten
+
 __all__ = [
     "RunRecord",
     "find_diverged",
@@ -172,29 +174,13 @@ def select_server_lr(
 _PAIRING_IGNORES = {"seed", "name", "server.aggregator", "server.threshold", "server.hard",
                     "server.weighted_agreement", "server.lr"}
 
-#: Two-sided 97.5% quantiles of Student's t, by degrees of freedom (1.96 beyond 30).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101,
-         19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
 def t_quantile(dof: int) -> float:
     """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (for a 95% interval)."""
     if dof < 1:
         return float("nan")
-    eligible = [d for d in _T975 if d <= dof]
-    return _T975[max(eligible)] if dof <= 30 else 1.96
+    from scipy.stats import t  # scipy comes with scikit-learn
 
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"server": {"lr": 1}}`` → ``{"server.lr": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return float(t.ppf(0.975, dof))
 
 
 @functools.cache

@@ -200,13 +200,13 @@ def check_same_config(run: SweepRun) -> None:
     """A finished run is only reused if it ran the planned config (e.g. not an older tuned server lr)."""
     import tomllib
 
-    from fedgma.config import config_to_dict
+    from fedgma.config import config_to_dict, flatten
 
     path = run.run_dir / "config.toml"
     if not path.is_file():
         return
-    planned = _flat(config_to_dict(run.config))
-    found = _flat(tomllib.loads(path.read_text()))
+    planned = flatten(config_to_dict(run.config))
+    found = flatten(tomllib.loads(path.read_text()))
     # keys on one side only are schema additions (or unset values): compare what both name
     differ = sorted(k for k in planned.keys() & found.keys() if k != "name" and planned[k] != found[k])
     if differ:
@@ -215,16 +215,6 @@ def check_same_config(run: SweepRun) -> None:
             f"run folder {run.run_dir} holds a finished run of another config ({shown}); "
             "use another --out or remove that folder"
         )
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class SweepError(RuntimeError):
