@@ -41,6 +41,7 @@ STEP_MODES = {
     "plain-2t": ("plain", 2),
     "sequential-1t": ("sequential", 1),
     "sequential-2t": ("sequential", 2),
+    "vectorized-1t": ("vectorized", 1),
     "vectorized": ("vectorized", 2),
     "multiprocess": ("multiprocess", 1),
 }

@@ -106,8 +106,14 @@ class MultiprocessBackend:
         if self._pool is None:
             self._start()
         self._shared.copy_(params)
-        tasks = [(round_index, int(c), algorithm.correction(c)) for c in client_ids]
-        self._pending = self._pool.imap(_train_one, tasks, chunksize=1)
+        # Submitted longest client first (by records, a proxy for local steps), so the pool's dynamic
+        # hand-out finishes the round sooner (LPT scheduling); yielded in client order, like every backend.
+        submitted = sorted(client_ids, key=lambda c: (-len(self.data.clients[c]), c))
+        results = {
+            c: self._pool.apply_async(_train_one, ((round_index, int(c), algorithm.correction(c)),))
+            for c in submitted
+        }
+        self._pending = (results[c].get() for c in client_ids)
         yield from self._pending
         self._pending = None
 
