@@ -47,8 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TIMING_FIELDS = ("elapsed_s", "wall_s", "round_s")
-
 
 def local_settings(config: Config) -> LocalSGD:
     c = config.client

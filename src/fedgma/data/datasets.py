@@ -389,21 +389,32 @@ def available_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def check_options(name: str, options: dict[str, Any]) -> None:
-    """Raise :class:`DatasetError` naming every option that dataset ``name``'s loader does not take.
+def loader_options(name: str) -> list[str] | None:
+    """The options dataset ``name``'s loader takes (beyond data_dir and download), sorted.
 
-    Called when a config is read, so a misspelt ``[data.options]`` key stops a sweep before it
-    starts. A loader with a ``**kwargs`` parameter passes its options on and checks them itself.
+    None when that cannot be known: the loader has no signature, or passes ``**kwargs`` on and
+    checks them itself.
     """
     if name not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     try:
         parameters = inspect.signature(_LOADERS[name]).parameters
     except (TypeError, ValueError):  # builtins and some callables have no signature
-        return
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return sorted(set(parameters) - {"data_dir", "download"})
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise :class:`DatasetError` naming every option that dataset ``name``'s loader does not take.
+
+    Called when a config is read, so a misspelt ``[data.options]`` key stops a sweep before it
+    starts.
+    """
+    accepted = loader_options(name)
+    if accepted is None:
         return
-    accepted = sorted(set(parameters) - {"data_dir", "download"})
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         close = {o: difflib.get_close_matches(o, accepted, n=1, cutoff=0.6) for o in unknown}

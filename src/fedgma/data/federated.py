@@ -28,7 +28,6 @@ subsets, which are fixed (like the digits train/test split) so every seed sees t
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ import torch
 
 from fedgma.data import partition
 from fedgma.data.arrays import ArrayDataset, DatasetSplits
-from fedgma.data.datasets import DatasetError, check_options, load_dataset
+from fedgma.data.datasets import DatasetError, check_options, load_dataset, loader_options
 from fedgma.data.domains import Domain, feature_skew, held_out_domains, noise_domains
 from fedgma.seeding import numpy_rng, seed_sequence
 
@@ -157,15 +156,8 @@ def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) 
 
 
 # --------------------------------------------------------------------------------------------
-# Loader options
+# Loading, with a small cache
 # --------------------------------------------------------------------------------------------
-
-
-def _loader(name: str) -> Callable[..., DatasetSplits] | None:
-    from fedgma.data import datasets
-
-    return datasets._LOADERS.get(name)  # noqa: SLF001  (the registry of the sibling module)
-
 
 _CACHE: dict[str, DatasetSplits] = {}
 _CACHE_SIZE = 2
@@ -181,13 +173,8 @@ def _load(cfg: Any, total_clients: int) -> DatasetSplits:
     gets ``data.num_clients + data.holdout_clients``, so the dataset has the config's clients.
     """
     options = dict(getattr(cfg, "options", None) or {})
-    loader = _loader(cfg.dataset)
-    if loader is not None and "num_clients" not in options:
-        try:
-            if "num_clients" in inspect.signature(loader).parameters:
-                options["num_clients"] = total_clients
-        except (TypeError, ValueError):
-            pass
+    if "num_clients" not in options and "num_clients" in (loader_options(cfg.dataset) or []):
+        options["num_clients"] = total_clients
     try:
         check_options(cfg.dataset, options)
     except ValueError as error:
