@@ -167,7 +167,15 @@ def run_train(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _without_native(method):
+    from fedgma import native
+
+    with native.disabled():
+        return method()
+
+
 def run_agg(args) -> dict:
+    from fedgma import native
     from fedgma.aggregation import GMAAggregator, gma, mean
 
     torch.set_num_threads(args.threads)
@@ -192,6 +200,9 @@ def run_agg(args) -> dict:
 
     methods = {"floor": floor, "flower-mean": flower, "fedgma-mean": lambda: mean(updates, weights),
                "fedgma-gma": lambda: gma(updates, weights, 0.4), "fedgma-gma-stream": streaming}
+    if native.fold_kernel() is not None:  # the same methods on the PyTorch-only path, for comparison
+        for name in ("fedgma-mean", "fedgma-gma", "fedgma-gma-stream"):
+            methods[f"{name} (torch)"] = lambda method=methods[name]: _without_native(method)
     times = {name: [] for name in methods}
     extra = {name: 0.0 for name in methods}
     for _ in range(args.repeats):
@@ -203,7 +214,7 @@ def run_agg(args) -> dict:
             times[name].append(time.perf_counter() - start)
             del out
             extra[name] = max(extra[name], _status_mb("VmHWM") - base)
-    return {"times": times, "extra_mb": extra, "d_mb": args.d * 4 / 2**20}
+    return {"times": times, "extra_mb": extra, "d_mb": args.d * 4 / 2**20, "native": native.native_status()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         med = {name: statistics.median(t) for name, t in result["times"].items()}
         _print_table(
             f"agg: K = {args.k} updates of d = {args.d:.0e} float32, {args.threads} threads, {args.repeats} repeats; "
-            f"extra = peak RSS above the inputs, in units of one d-sized buffer ({result['d_mb']:.0f} MB)",
+            f"extra = peak RSS above the inputs, in units of one d-sized buffer ({result['d_mb']:.0f} MB); "
+            f"aggregation kernel: {result['native']}",
             ["method", "seconds", "× floor", "× flower-mean", "extra (d-buffers)"],
             [[name, f"{t:.3f}", f"{t / med['floor']:.2f}", f"{t / med['flower-mean']:.2f}",
               f"{result['extra_mb'][name] / result['d_mb']:.1f}"] for name, t in med.items()],
