@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fedgma.data.arrays import ArrayDataset
@@ -121,9 +120,7 @@ def train_client(
         if batch.device != data.x.device:
             batch = batch.to(data.x.device)
         model.zero_grad()
-        loss = F.cross_entropy(model(data.x[batch]), data.y[batch])
-        loss.backward()
-        loss_sum += loss.detach()
+        loss_sum += model.loss_and_backward(data.x[batch], data.y[batch])
         with torch.no_grad():
             if settings.weight_decay:
                 grads.add_(params, alpha=settings.weight_decay)

@@ -12,9 +12,11 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedgma.aggregation import Layer
+from fedgma.fastgrad import MLPGradient, mlp_layers
 
 __all__ = ["FlatModel", "available_models", "build_model", "init_parameters"]
 
@@ -133,7 +135,7 @@ class FlatModel:
     Gradients accumulate in place into ``grads`` (as DDP's gradient-as-bucket-view does).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu", fast_backward: bool = True) -> None:
         module.to(device)
         if any(b.is_floating_point() for b in module.buffers()):
             raise ValueError("models with floating-point buffers (e.g. BatchNorm) are not supported; use GroupNorm")
@@ -154,6 +156,21 @@ class FlatModel:
             p.data = self.params[view].view_as(p)
             p.grad = self.grads[view].view_as(p)
         self._parameters = parameters
+        linears = mlp_layers(module) if fast_backward else None
+        self._fast_gradient = MLPGradient(linears) if linears is not None else None
+
+    @property
+    def fast_backward(self) -> bool:
+        """Whether ``loss_and_backward`` skips autograd (MLPs; same bits, see ``fedgma.fastgrad``)."""
+        return self._fast_gradient is not None
+
+    def loss_and_backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy of the model on ``(x, y)``, its gradient added into ``grads``."""
+        if self._fast_gradient is not None:
+            return self._fast_gradient.loss_and_backward(x, y)
+        loss = F.cross_entropy(self.module(x), y)
+        loss.backward()
+        return loss.detach()
 
     def load(self, flat: Tensor) -> None:
         """Copy a flat parameter vector into the model (a copy: the model never aliases ``flat``)."""

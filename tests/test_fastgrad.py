@@ -1,0 +1,100 @@
+"""The MLP gradient without autograd gives the same bits as autograd, and only takes the models it can."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedgma.client import LocalSGD, train_client
+from fedgma.data.arrays import ArrayDataset
+from fedgma.fastgrad import MLPGradient, mlp_layers
+from fedgma.models import FlatModel, build_model
+
+
+def _model(name: str, shape: tuple[int, ...], classes: int, dtype=torch.float32) -> nn.Module:
+    return build_model(name, shape, classes, torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _autograd(module: nn.Module, x, y):
+    module.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(module(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+
+def _fast(module: nn.Module, x, y):
+    module.zero_grad(set_to_none=True)
+    loss = MLPGradient(mlp_layers(module)).loss_and_backward(x, y)
+    return loss, [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "classes"),
+    [("mlp", (1, 28, 28), 10), ("mlp", (60,), 10), ("logreg", (60,), 10), ("logreg", (1, 8, 8), 3)],
+)
+@pytest.mark.parametrize("batch", [1, 7, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_and_gradients_are_bit_identical_to_autograd(name, shape, classes, batch, dtype):
+    module = _model(name, shape, classes, dtype)
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, *shape, generator=generator, dtype=dtype) * 3
+    y = torch.randint(0, classes, (batch,), generator=generator)
+    loss, grads = _autograd(module, x, y)
+    fast_loss, fast_grads = _fast(module, x, y)
+    assert torch.equal(loss, fast_loss)
+    assert len(grads) == len(fast_grads)
+    for expected, got in zip(grads, fast_grads, strict=True):
+        assert torch.equal(expected, got)
+
+
+def test_gradients_accumulate_into_existing_grads_like_autograd():
+    module = _model("mlp", (20,), 4)
+    x, y = torch.randn(5, 20), torch.tensor([0, 1, 2, 3, 0])
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    F.cross_entropy(module(x), y).backward()
+    expected = [p.grad.clone() for p in module.parameters()]
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    MLPGradient(mlp_layers(module)).loss_and_backward(x, y)
+    assert all(torch.equal(e, p.grad) for e, p in zip(expected, module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        build_model("cnn", (1, 28, 28), 10, torch.Generator().manual_seed(0)),
+        nn.Sequential(nn.Linear(4, 3)),  # no Flatten: Linear would act on the last dim of a 3-D input
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False)),
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU()),  # ends in ReLU
+        nn.Sequential(nn.Flatten(0), nn.Linear(4, 3)),
+        nn.Linear(4, 3),
+    ],
+)
+def test_only_plain_mlps_take_the_fast_path(module):
+    assert mlp_layers(module) is None
+    assert not FlatModel(module).fast_backward
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [LocalSGD(epochs=2, batch_size=16, lr=0.05),
+     LocalSGD(steps=9, batch_size=8, lr=0.02, momentum=0.9, weight_decay=1e-3, prox_mu=0.1)],
+)
+def test_train_client_gives_the_same_update_with_and_without_autograd(settings):
+    generator = torch.Generator().manual_seed(1)
+    data = ArrayDataset(torch.randn(50, 1, 6, 6, generator=generator), torch.randint(0, 5, (50,), generator=generator))
+    module = _model("mlp", (1, 6, 6), 5)
+    start = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    correction = torch.randn(start.numel(), generator=generator) * 0.01
+    results = []
+    for fast in (True, False):
+        model = FlatModel(_model("mlp", (1, 6, 6), 5), fast_backward=fast)
+        assert model.fast_backward is fast
+        results.append(train_client(model, start, data, settings, torch.Generator().manual_seed(7), correction))
+    assert torch.equal(results[0].update, results[1].update)
+    assert results[0].train_loss == results[1].train_loss
+    assert results[0].update.abs().sum() > 0
