@@ -204,3 +204,21 @@ def test_multiprocess_rejects_bad_options(digits) -> None:
         make_backend("multiprocess", model, digits, LocalSGD(), 0, workers=-1)
     with pytest.raises(ValueError, match="threads must be ≥ 1, got 0"):
         make_backend("multiprocess", model, digits, LocalSGD(), 0, threads=0)
+
+
+def test_multiprocess_handles_rounds_larger_than_the_first_and_abandoned_rounds(digits) -> None:
+    """Update slots are sized by the first round: a larger round restarts the pool with more slots, and a
+    round whose results were not all read is finished before the next one reuses the slots."""
+    settings = LocalSGD(batch_size=8, lr=0.05)
+    model = _model("mlp", digits)
+    params = model.params.clone()
+    backend = make_backend("multiprocess", model, digits, settings, seed=3, workers=2)
+    sequential = make_backend("sequential", _model("mlp", digits), digits, settings, seed=3)
+    try:
+        for round_index, clients in enumerate([[0, 1], [2, 3, 5, 6, 7], [1, 3]], start=1):
+            abandoned = backend.train(params, clients, round_index, PlainClient(settings))
+            next(abandoned)  # read one result only
+            reference = list(sequential.train(params, clients, round_index, PlainClient(settings)))
+            _assert_agree(reference, list(backend.train(params, clients, round_index, PlainClient(settings))))
+    finally:
+        backend.close()
