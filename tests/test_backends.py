@@ -222,3 +222,27 @@ def test_multiprocess_handles_rounds_larger_than_the_first_and_abandoned_rounds(
             _assert_agree(reference, list(backend.train(params, clients, round_index, PlainClient(settings))))
     finally:
         backend.close()
+
+
+def test_multiprocess_reports_a_failing_client_and_a_dead_worker(digits) -> None:
+    empty = ArrayDataset(digits.clients[0].x[:0], digits.clients[0].y[:0])
+    data = FederatedDataset([*digits.clients[:3], empty], digits.test, 10)
+    settings = LocalSGD(batch_size=8, lr=0.05)
+    model = _model("mlp", data)
+    params = model.params.clone()
+    backend = make_backend("multiprocess", model, data, settings, seed=3, workers=2)
+    try:
+        # client 3 fails first on its worker (0 steps: scheduled last, so its worker's other clients come
+        # after it in reply order); their replies must not leak into the next round
+        with pytest.raises(RuntimeError, match=r"failed on client 3:(.|\n)*a client with no samples cannot train"):
+            list(backend.train(params, [3, 0, 1, 2], 1, PlainClient(settings)))
+        reference = list(make_backend("sequential", _model("mlp", data), data, settings, seed=3)
+                         .train(params, [0, 1, 2], 2, PlainClient(settings)))
+        _assert_agree(reference, list(backend.train(params, [0, 1, 2], 2, PlainClient(settings))))  # still usable
+        process = backend._workers[1][0]
+        process.kill()
+        process.join()
+        with pytest.raises(RuntimeError, match=r"worker 1 \(pid \d+\) died with exit code -9"):
+            list(backend.train(params, [0, 1], 3, PlainClient(settings)))
+    finally:
+        backend.close()

@@ -6,20 +6,24 @@ processes, each with one intra-op thread, rather than one client with every core
 convolutions and matrix products scale poorly across threads.
 
 Workers are started once (fork where the platform has it, so they share the client data with the
-parent copy-on-write; spawn elsewhere) and live until ``close()``. Each round the global parameters
-are written into one shared-memory vector the workers read, SCAFFOLD's corrections and the clients'
-updates go through shared-memory slots (one per client of the round), so a task is only ``(round,
-client id, slot)`` and the pipe carries the small rest of the client's
-:class:`~fedgma.client.ClientResult`. Each worker runs the reference
+parent copy-on-write; spawn elsewhere) and live until ``close()``. Each round the clients are
+assigned to workers longest first (by local steps) to the least-loaded worker (LPT scheduling,
+within a few percent of a perfect split on Dirichlet partitions), and each worker gets one message
+with its list. Vectors never go through the pipes: the global parameters, SCAFFOLD's corrections
+and the clients' updates live in shared memory made before the workers start (one slot per client
+of the round); a reply is four numbers. Each worker runs the reference
 :func:`~fedgma.client.train_client` with the per-client generator, so results equal the sequential
 backend's up to the float differences of a different thread count, and come back in the order of
-the client ids.
+the client ids. A worker that dies raises an error naming it and its client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import multiprocessing
 import os
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,33 +37,38 @@ from fedgma.seeding import torch_generator
 
 __all__ = ["MultiprocessBackend"]
 
-_WORKER: dict[str, Any] = {}
+
+def _local_steps(num_samples: int, settings: LocalSGD) -> int:
+    """How many steps ``batch_schedule`` gives a client of this size (for scheduling only)."""
+    return settings.steps or settings.epochs * math.ceil(num_samples / settings.batch_size)
 
 
-def _init_worker(module: torch.nn.Module, data: FederatedDataset, settings: LocalSGD, seed: int,
+def _worker_main(connection: Any, module: torch.nn.Module, data: FederatedDataset, settings: LocalSGD, seed: int,
                  shared_params: Tensor, slots: Tensor, threads: int) -> None:
+    """A worker: per round, train the listed clients; each update goes to its slot, a short reply by pipe."""
     torch.set_num_threads(threads)
-    _WORKER.update(model=FlatModel(module), data=data, settings=settings, seed=seed, params=shared_params,
-                   slots=slots)
-
-
-def _train_one(task: tuple[int, int, int, bool]) -> ClientResult:
-    """Train one client; its update goes to its slot of the shared buffer, the rest of the reply by pipe."""
-    round_index, client_id, slot, corrected = task
-    w = _WORKER
-    updates, corrections = w["slots"]
-    result = train_client(
-        w["model"],
-        w["params"],
-        w["data"].clients[client_id],
-        w["settings"],
-        torch_generator(w["seed"], "client", round_index, client_id),
-        correction=corrections[slot] if corrected else None,
-        client_id=client_id,
-    )
-    updates[slot].copy_(result.update)
-    result.update = torch.empty(0)
-    return result
+    model = FlatModel(module)
+    updates, corrections = slots
+    while True:
+        message = connection.recv()
+        if message is None:
+            return
+        round_index, tasks = message
+        for client_id, slot, corrected in tasks:
+            try:
+                result = train_client(
+                    model,
+                    shared_params,
+                    data.clients[client_id],
+                    settings,
+                    torch_generator(seed, "client", round_index, client_id),
+                    correction=corrections[slot] if corrected else None,
+                    client_id=client_id,
+                )
+                updates[slot].copy_(result.update)
+                connection.send((client_id, result.num_samples, result.num_steps, result.train_loss, None))
+            except Exception:  # reported in the parent, which raises
+                connection.send((client_id, 0, 0, 0.0, traceback.format_exc()))
 
 
 class MultiprocessBackend:
@@ -92,68 +101,127 @@ class MultiprocessBackend:
         self.workers, self.threads, self.start_method = workers, threads, start_method
         self._shared = torch.zeros(model.numel, dtype=model.params.dtype).share_memory_()
         self._slots: Tensor | None = None  # [2, clients per round, d]: updates and corrections
-        self._pool: Any = None
+        self._workers: list[tuple[Any, Any]] = []  # (process, connection)
         self._pending: Iterator[ClientResult] | None = None
 
     def _start(self, clients_per_round: int) -> None:
         import torch.multiprocessing as tmp
 
-        # Vectors travel through shared memory made before the workers start: pickling a tensor per
-        # task or reply costs a new shared-memory segment and a file descriptor sent over a socket
-        # each time, which kept the parent busy for a third of the round on the MLP.
+        # Pickling a tensor per task or reply would cost a new shared-memory segment and a file
+        # descriptor sent over a socket each time, which kept the parent busy for a third of the round.
         self._slots = torch.zeros(2, clients_per_round, self.model.numel, dtype=self.model.params.dtype)
         self._slots.share_memory_()
         context = tmp.get_context(self.start_method)
-        self._pool = context.Pool(
-            self.workers,
-            initializer=_init_worker,
-            initargs=(self.model.module, self.data, self.settings, self.seed, self._shared, self._slots,
+        for _ in range(self.workers):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=_worker_main,
+                args=(child_end, self.model.module, self.data, self.settings, self.seed, self._shared, self._slots,
                       self.threads),
-        )
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self._workers.append((process, parent_end))
+
+    def _schedule(self, client_ids: Sequence[int]) -> list[list[int]]:
+        """LPT: clients longest first (by local steps), each to the least-loaded worker."""
+        steps = {c: _local_steps(len(self.data.clients[c]), self.settings) for c in client_ids}
+        loads = [0] * len(self._workers)
+        assignment: list[list[int]] = [[] for _ in self._workers]
+        for c in sorted(client_ids, key=lambda c: (-steps[c], c)):
+            worker = loads.index(min(loads))
+            assignment[worker].append(c)
+            loads[worker] += steps[c]
+        return assignment
 
     def train(
         self, params: Tensor, client_ids: Sequence[int], round_index: int, algorithm: ClientAlgorithm
     ) -> Iterator[ClientResult]:
-        if self._pending is not None:  # a previous round's generator was abandoned: let its tasks finish
+        if self._pending is not None:  # a previous round's generator was abandoned: let its clients finish
             for _ in self._pending:
                 pass
             self._pending = None
+        client_ids = [int(c) for c in client_ids]
         if self._slots is not None and len(client_ids) > self._slots.shape[1]:
             self.close()  # more clients than slots (a round larger than the first): restart with more
-        if self._pool is None:
+        if not self._workers:
             self._start(len(client_ids))
         assert self._slots is not None
         updates, corrections = self._slots
         self._shared.copy_(params)
-        # Submitted longest client first (by records, a proxy for local steps), so the pool's dynamic
-        # hand-out finishes the round sooner (LPT scheduling); yielded in client order, like every backend.
-        slot_of = {int(c): i for i, c in enumerate(client_ids)}
-        results = {}
-        for c in sorted(slot_of, key=lambda c: (-len(self.data.clients[c]), c)):
-            correction = algorithm.correction(c)
-            if correction is not None:
-                corrections[slot_of[c]].copy_(correction)
-            task = (round_index, c, slot_of[c], correction is not None)
-            results[c] = self._pool.apply_async(_train_one, (task,))
+        slot_of = {c: i for i, c in enumerate(client_ids)}
+        owner = {}
+        for worker, clients in enumerate(self._schedule(client_ids)):
+            tasks = []
+            for c in clients:
+                correction = algorithm.correction(c)
+                if correction is not None:
+                    corrections[slot_of[c]].copy_(correction)
+                tasks.append((c, slot_of[c], correction is not None))
+                owner[c] = worker
+            if tasks:
+                try:
+                    self._workers[worker][1].send((round_index, tasks))
+                except OSError:  # BrokenPipeError: the worker is gone
+                    raise self._died(worker, tasks[0][0]) from None
+
+        outstanding = [0] * len(self._workers)
+        for c in client_ids:
+            outstanding[owner[c]] += 1
+
+        def receive(worker: int, client_id: int) -> tuple:
+            reply = self._receive(worker, client_id)
+            outstanding[worker] -= 1
+            return reply
 
         def collect() -> Iterator[ClientResult]:
+            received: dict[int, tuple] = {}
             for c in client_ids:
-                result = results[int(c)].get()
-                result.update = updates[slot_of[int(c)]].clone()  # the slot is reused next round
-                yield result
+                while c not in received:  # a worker replies in its task order: buffer the others
+                    reply = receive(owner[c], c)
+                    received[reply[0]] = reply
+                client_id, num_samples, num_steps, train_loss, error = received.pop(c)
+                if error is not None:
+                    for worker, count in enumerate(outstanding):  # no stale reply may reach the next round
+                        for _ in range(count):
+                            receive(worker, client_id)
+                    raise RuntimeError(f"multiprocess worker {owner[c]} failed on client {client_id}:\n{error}")
+                yield ClientResult(client_id, updates[slot_of[c]].clone(), num_samples, num_steps, train_loss)
 
         self._pending = collect()
         yield from self._pending
         self._pending = None
 
+    def _receive(self, worker: int, client_id: int) -> tuple:
+        try:
+            return self._workers[worker][1].recv()
+        except (EOFError, OSError):
+            raise self._died(worker, client_id) from None
+
+    def _died(self, worker: int, client_id: int) -> RuntimeError:
+        process = self._workers[worker][0]
+        process.join(timeout=1)
+        return RuntimeError(
+            f"multiprocess worker {worker} (pid {process.pid}) died with exit code {process.exitcode} "
+            f"before client {client_id} of this round finished"
+        )
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
+        for _, connection in self._workers:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                connection.send(None)
+        for process, connection in self._workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+            connection.close()
+        self._workers = []
         self._slots = None
+        self._pending = None
 
     def __del__(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.terminate()
+        for process, _ in getattr(self, "_workers", []):
+            if process.is_alive():
+                process.terminate()
