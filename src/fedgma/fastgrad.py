@@ -47,6 +47,14 @@ class MLPGradient:
 
     def __init__(self, linears: Sequence[nn.Linear]) -> None:
         self.linears = list(linears)
+        self._ones: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def _one(self, like: Tensor) -> Tensor:
+        """d loss / d loss = 1 (what ``loss.backward()`` starts from), made once per dtype and device."""
+        key = (like.dtype, like.device)
+        if key not in self._ones:
+            self._ones[key] = torch.ones((), dtype=like.dtype, device=like.device)
+        return self._ones[key]
 
     @torch.no_grad()
     def loss_and_backward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -62,21 +70,27 @@ class MLPGradient:
                 activations.append(h)
         log_probs = torch.log_softmax(h, 1)
         loss, total_weight = _aten.nll_loss_forward(log_probs, y, None, _MEAN, _IGNORE_INDEX)
-        grad = _aten.nll_loss_backward(
-            torch.ones((), dtype=loss.dtype, device=loss.device), log_probs, y, None, _MEAN, _IGNORE_INDEX,
-            total_weight,
-        )
+        grad = _aten.nll_loss_backward(self._one(loss), log_probs, y, None, _MEAN, _IGNORE_INDEX, total_weight)
         grad = _aten._log_softmax_backward_data(grad, log_probs, 1, log_probs.dtype)
         for i in range(last, -1, -1):
             layer = self.linears[i]
             # addmm's backward for mat2 = weight.t(), a column-major operand: (grad.t() @ mat1).t(),
             # which the transpose's backward turns back into grad.t() @ mat1; the bias gets grad.sum(0).
-            _accumulate(layer.weight, torch.mm(grad.t(), inputs[i]))
+            _accumulate_product(layer.weight, grad.t(), inputs[i])
             _accumulate(layer.bias, grad.sum(0))
             if i > 0:
                 grad = torch.mm(grad, layer.weight)  # addmm's backward for mat1: grad @ mat2.t()
                 grad = _aten.threshold_backward(grad, activations[i - 1], 0)
         return loss
+
+
+def _accumulate_product(parameter: Tensor, left: Tensor, right: Tensor) -> None:
+    """``parameter.grad += left @ right`` in one GEMM (beta = 1): the product is formed, then added once,
+    as ``_accumulate(parameter, torch.mm(left, right))`` would, without the temporary and its extra pass."""
+    if parameter.grad is None:
+        parameter.grad = torch.mm(left, right)
+    else:
+        parameter.grad.addmm_(left, right)
 
 
 def _accumulate(parameter: Tensor, gradient: Tensor) -> None:
