@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedgma.client import LocalSGD, train_client
+from fedgma.client import LocalSGD, batch_schedule, train_client
 from fedgma.data.arrays import ArrayDataset
 from fedgma.fastgrad import MLPGradient, mlp_layers
 from fedgma.models import FlatModel, build_model
@@ -98,3 +98,48 @@ def test_train_client_gives_the_same_update_with_and_without_autograd(settings):
     assert torch.equal(results[0].update, results[1].update)
     assert results[0].train_loss == results[1].train_loss
     assert results[0].update.abs().sum() > 0
+
+
+def test_autograd_models_get_the_bits_of_zeroing_and_accumulating():
+    """For models autograd differentiates, loss_and_backward writes fresh gradients as g + 0 into the flat
+    vector: the bits of the classic zero_grad() + backward() accumulation (0 + g), -0.0 included."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 1, 12, 12, generator=generator)
+    data = ArrayDataset(x, torch.randint(0, 4, (40,), generator=generator))
+    settings = LocalSGD(steps=6, batch_size=8, lr=0.05, momentum=0.5, weight_decay=1e-3)
+    start = FlatModel(_model("cnn", (1, 12, 12), 4)).params.clone()
+    new = FlatModel(_model("cnn", (1, 12, 12), 4))
+    assert not new.fast_backward
+    result = train_client(new, start, data, settings, torch.Generator().manual_seed(5))
+    new.check_views()
+
+    classic = FlatModel(_model("cnn", (1, 12, 12), 4))  # the loop as it was: zero, accumulate, step
+    classic.load(start)
+    velocity = torch.zeros_like(classic.params)
+    for batch in batch_schedule(len(data), settings, torch.Generator().manual_seed(5)):
+        classic.zero_grad()
+        F.cross_entropy(classic(data.x[batch]), data.y[batch]).backward()
+        with torch.no_grad():
+            classic.grads.add_(classic.params, alpha=settings.weight_decay)
+            velocity.mul_(settings.momentum).add_(classic.grads)
+            classic.params.sub_(velocity, alpha=settings.lr)
+    assert torch.equal(result.update, classic.params - start)
+    assert result.update.abs().sum() > 0
+
+    zero = torch.tensor([-0.0, 0.0, 1.5])
+    out = torch.empty(3)
+    torch.add(zero, 0.0, out=out)
+    assert torch.equal(out.sign(), torch.tensor([0.0, 0.0, 1.0])) and not torch.signbit(out[0])  # -0 + 0 = +0
+
+
+def test_a_parameter_without_gradient_gets_zeros():
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    unused = nn.Linear(2, 2)
+    module.add_module("unused", unused)  # not in the forward: autograd leaves its grad None
+    module.forward = lambda x: module[3](module[2](module[1](module[0](x))))  # type: ignore[method-assign]
+    model = FlatModel(module)
+    model.grads.fill_(7.0)
+    model.loss_and_backward(torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
+    layer = {layer.name: layer for layer in model.layers}["unused.weight"]
+    assert torch.equal(model.grads[layer.start : layer.start + layer.numel], torch.zeros(layer.numel))
+    model.check_views()

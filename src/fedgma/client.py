@@ -119,8 +119,7 @@ def train_client(
     for batch in batches:
         if batch.device != data.x.device:
             batch = batch.to(data.x.device)
-        model.zero_grad()
-        loss_sum += model.loss_and_backward(data.x[batch], data.y[batch])
+        loss_sum += model.loss_and_backward(data.x[batch], data.y[batch])  # sets grads
         with torch.no_grad():
             if settings.weight_decay:
                 grads.add_(params, alpha=settings.weight_decay)

@@ -156,6 +156,7 @@ class FlatModel:
             p.data = self.params[view].view_as(p)
             p.grad = self.grads[view].view_as(p)
         self._parameters = parameters
+        self._grad_views = [p.grad for p in parameters]
         linears = mlp_layers(module) if fast_backward else None
         self._fast_gradient = MLPGradient(linears) if linears is not None else None
 
@@ -165,11 +166,25 @@ class FlatModel:
         return self._fast_gradient is not None
 
     def loss_and_backward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy of the model on ``(x, y)``, its gradient added into ``grads``."""
+        """Mean cross-entropy of the model on ``(x, y)``; ``grads`` is set to its gradient.
+
+        The same bits as zeroing ``grads`` and letting autograd accumulate into it (``0 + g``), but
+        without the d-sized zeroing and read-modify-write when autograd runs: the fresh gradients
+        are written into the flat vector as ``g + 0``, which is ``0 + g`` exactly (also for -0.0).
+        """
         if self._fast_gradient is not None:
+            self.grads.zero_()
             return self._fast_gradient.loss_and_backward(x, y)
+        for p in self._parameters:
+            p.grad = None
         loss = F.cross_entropy(self.module(x), y)
         loss.backward()
+        for p, view in zip(self._parameters, self._grad_views, strict=True):
+            if p.grad is None:  # a parameter the loss does not depend on
+                view.zero_()
+            else:
+                torch.add(p.grad, 0.0, out=view)
+            p.grad = view
         return loss.detach()
 
     def load(self, flat: Tensor) -> None:
