@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -164,3 +166,28 @@ def test_registry_builds_every_rule_with_shared_options():
         assert torch.isfinite(result).all()
     with pytest.raises(ValueError, match="unknown aggregator 'avg'"):
         make_aggregator("avg")
+
+
+@pytest.mark.parametrize("native_off", [False, True])
+def test_weights_beyond_the_update_precision_are_rejected_not_turned_into_nan(native_off):
+    """Found by the fuzz test: a finite double weight above float32's max became inf (NaN result on the
+    compiled path, a RuntimeError on the PyTorch path). Now a clear ValueError on both."""
+    from fedgma import native
+
+    with native.disabled() if native_off else contextlib.nullcontext():
+        aggregator = GMAAggregator()
+        too_large = r"client 0: weight 3.4028235677973366e\+38 is too large for torch.float32"
+        with pytest.raises(ValueError, match=too_large):
+            aggregator.add(torch.tensor([0.0]), 3.4028235677973366e38)
+        with pytest.raises(ValueError, match="client 0: weight .* too large"):
+            gma([torch.tensor([1.0])], [1e39])
+        big = torch.finfo(torch.float32).max  # each weight fits, their sum does not
+        with pytest.raises(ValueError, match="cannot aggregate: the client weights sum to .* too large"):
+            mean([torch.tensor([1e-30]), torch.tensor([1e-30])], [big, big])
+        with pytest.raises(ValueError, match="cannot aggregate: the weighted sum of the updates overflowed"):
+            gma([torch.tensor([1e30]), torch.tensor([1e30])], [1e20, 1e20])
+        stream = MeanAggregator()
+        stream.add(torch.tensor([3e38]), 1.0)
+        stream.add(torch.tensor([3e38]), 1.0)
+        with pytest.raises(ValueError, match="overflowed torch.float32"):
+            stream.average()

@@ -206,9 +206,20 @@ class _Accumulator:
         if check_finite and not _all_finite(update):
             raise ValueError(f"client {index}: update contains NaN or infinite values")
         w = _check_weight(weight, index)
+        if w > torch.finfo(update.dtype).max:  # it would become inf in the update's precision
+            raise ValueError(f"client {index}: weight {weight!r} is too large for {update.dtype} updates "
+                             "(use sample counts as weights)")
         self.count += 1
         self.total_weight += w
         return w
+
+    def _check_sum(self, weighted_sum: Tensor) -> None:
+        """Finite updates and weights can still overflow the running sum; say so rather than return inf."""
+        if self.check_finite and not _all_finite(weighted_sum):
+            raise ValueError(
+                f"cannot aggregate: the weighted sum of the updates overflowed {weighted_sum.dtype} "
+                "(weights or updates too large; use sample counts as weights)"
+            )
 
     def _check_ready(self) -> None:
         if self.count == 0:
@@ -218,6 +229,11 @@ class _Accumulator:
         if self.total_weight < torch.finfo(self._dtype).tiny:  # type: ignore[arg-type]
             raise ValueError(
                 f"cannot aggregate: the client weights sum to {self.total_weight:g}, too small for "
+                f"{self._dtype} (use sample counts as weights)"
+            )
+        if self.total_weight > torch.finfo(self._dtype).max:  # type: ignore[arg-type]
+            raise ValueError(
+                f"cannot aggregate: the client weights sum to {self.total_weight:g}, too large for "
                 f"{self._dtype} (use sample counts as weights)"
             )
 
@@ -245,6 +261,7 @@ class MeanAggregator(_Accumulator):
     def average(self, _consume: bool = False) -> Tensor:
         self._check_ready()
         assert self._weighted_sum is not None
+        self._check_sum(self._weighted_sum)
         if _consume:  # the one-shot functions: divide in place, the aggregator is discarded
             return self._weighted_sum.div_(self.total_weight)
         return self._weighted_sum / self.total_weight
@@ -327,6 +344,7 @@ class GMAAggregator(_Accumulator):
         # and the one-shot functions (_consume) reuse the two running sums for A and the average.
         self._check_ready()
         assert self._weighted_sum is not None
+        self._check_sum(self._weighted_sum)
         agreement = self.agreement(_consume)
         mask = gma_mask(agreement, self.threshold, self.hard)
         stats = self._statistics(agreement, mask)
