@@ -132,3 +132,11 @@ def test_plain_client_names_fedprox():
 def test_bad_local_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         LocalSGD(**kwargs)
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 8, 9, 33])
+@pytest.mark.parametrize("settings", [LocalSGD(epochs=1, batch_size=8), LocalSGD(epochs=3, batch_size=4),
+                                      LocalSGD(steps=5, batch_size=8)])
+def test_num_steps_counts_the_batches_of_batch_schedule(num_samples, settings):
+    """The multiprocess backend schedules clients by this count, so it must be the schedule's length."""
+    assert settings.num_steps(num_samples) == len(batch_schedule(num_samples, settings, torch.Generator()))

@@ -14,6 +14,7 @@ The batch order of a client in a round comes from ``batch_schedule`` with a gene
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class LocalSGD:
         for key, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{key} must be {expected}")
+
+    def num_steps(self, num_samples: int) -> int:
+        """How many local steps ``batch_schedule`` gives a client of ``num_samples`` records."""
+        return self.steps or self.epochs * math.ceil(num_samples / self.batch_size)
 
 
 @dataclass

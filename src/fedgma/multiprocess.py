@@ -20,7 +20,6 @@ the client ids. A worker that dies raises an error naming it and its client.
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import os
 import traceback
@@ -36,11 +35,6 @@ from fedgma.models import FlatModel
 from fedgma.seeding import torch_generator
 
 __all__ = ["MultiprocessBackend"]
-
-
-def _local_steps(num_samples: int, settings: LocalSGD) -> int:
-    """How many steps ``batch_schedule`` gives a client of this size (for scheduling only)."""
-    return settings.steps or settings.epochs * math.ceil(num_samples / settings.batch_size)
 
 
 def _worker_main(connection: Any, module: torch.nn.Module, data: FederatedDataset, settings: LocalSGD, seed: int,
@@ -126,7 +120,7 @@ class MultiprocessBackend:
 
     def _schedule(self, client_ids: Sequence[int]) -> list[list[int]]:
         """LPT: clients longest first (by local steps), each to the least-loaded worker."""
-        steps = {c: _local_steps(len(self.data.clients[c]), self.settings) for c in client_ids}
+        steps = {c: self.settings.num_steps(len(self.data.clients[c])) for c in client_ids}
         loads = [0] * len(self._workers)
         assignment: list[list[int]] = [[] for _ in self._workers]
         for c in sorted(client_ids, key=lambda c: (-steps[c], c)):
