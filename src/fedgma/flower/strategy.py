@@ -310,6 +310,11 @@ class ReplyAggregator:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_pull_intervals(pull_interval: float, max_pull_interval: float) -> None:
+    if not 0 < pull_interval <= max_pull_interval:
+        raise ValueError(f"need 0 < pull_interval ≤ max_pull_interval, got {pull_interval} and {max_pull_interval}")
+
+
 class StreamingGrid:
     """A Grid whose ``send_and_receive`` yields replies as they arrive instead of collecting them.
 
@@ -327,10 +332,7 @@ class StreamingGrid:
     """
 
     def __init__(self, grid: Grid, pull_interval: float = 0.1, max_pull_interval: float = 2.0) -> None:
-        if not 0 < pull_interval <= max_pull_interval:
-            raise ValueError(
-                f"need 0 < pull_interval ≤ max_pull_interval, got {pull_interval} and {max_pull_interval}"
-            )
+        _check_pull_intervals(pull_interval, max_pull_interval)
         self._grid = grid
         self.pull_interval = pull_interval
         self.max_pull_interval = max_pull_interval
@@ -429,10 +431,7 @@ class GMAMixin:
             raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be ≥ 1, got {min_replies}")
-        if not 0 < pull_interval <= max_pull_interval:
-            raise ValueError(
-                f"need 0 < pull_interval ≤ max_pull_interval, got {pull_interval} and {max_pull_interval}"
-            )
+        _check_pull_intervals(pull_interval, max_pull_interval)
         make_aggregator(aggregator, threshold=threshold, hard=hard)  # fail now on a bad name or threshold
         self.gma_rule = aggregator
         self.gma_options = {"threshold": threshold, "hard": hard, "weighted_agreement": weighted_agreement}
