@@ -261,7 +261,8 @@ class MeanAggregator(_Accumulator):
     def average(self, _consume: bool = False) -> Tensor:
         self._check_ready()
         assert self._weighted_sum is not None
-        self._check_sum(self._weighted_sum)
+        if not _consume:  # the one-shot functions (_consume) checked the sum in _fold already
+            self._check_sum(self._weighted_sum)
         if _consume:  # the one-shot functions: divide in place, the aggregator is discarded
             return self._weighted_sum.div_(self.total_weight)
         return self._weighted_sum / self.total_weight
@@ -344,7 +345,8 @@ class GMAAggregator(_Accumulator):
         # and the one-shot functions (_consume) reuse the two running sums for A and the average.
         self._check_ready()
         assert self._weighted_sum is not None
-        self._check_sum(self._weighted_sum)
+        if not _consume:  # the one-shot functions (_consume) checked the sum in _fold already
+            self._check_sum(self._weighted_sum)
         agreement = self.agreement(_consume)
         mask = gma_mask(agreement, self.threshold, self.hard)
         stats = self._statistics(agreement, mask)
@@ -458,6 +460,8 @@ def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights:
         _fold_into(aggregator._weighted_sum, None, rows, admitted, [1.0] * len(rows))
     if check and not _all_finite(aggregator._weighted_sum):
         raise_first_non_finite(len(rows))
+        aggregator._check_ready()  # no bad update: the sum overflowed; the errors result() would raise, in order
+        aggregator._check_sum(aggregator._weighted_sum)
 
 
 def mean(updates: Updates, weights: Sequence[float] | None = None) -> Tensor:
