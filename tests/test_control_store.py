@@ -86,7 +86,7 @@ def test_scaffold_is_identical_with_a_spilling_store(tmp_path) -> None:
 
 _SCALE_SCRIPT = r"""
 import re, sys, torch
-from fedgma.client import ControlVariateStore
+from fedgma.control_store import ControlVariateStore
 clients, numel = int(sys.argv[1]), int(sys.argv[2])
 store = ControlVariateStore(numel, memory_limit_bytes=64 << 20, spill_dir=sys.argv[3])
 value = torch.ones(numel)
