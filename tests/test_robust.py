@@ -29,12 +29,14 @@ def fold(aggregator, updates, weights=None):
 
 def test_robust_rules_are_registered_and_configurable():
     assert {"mean", "gma", "median", "trimmed_mean"} <= set(available_aggregators())
-    assert load_config(None, ["server.aggregator=median"]).server.aggregator == "median"
-    config = load_config(None, ["server.aggregator=trimmed_mean", "server.trim_fraction=0.2"])
-    aggregator = make_aggregator(config.server.aggregator, **config.server.model_dump())
+    assert load_config(None, ["server.aggregator=median"]).server.aggregator.name == "median"
+    config = load_config(None, ["server.aggregator=trimmed_mean", "server.aggregator.trim_fraction=0.2"])
+    aggregator = make_aggregator(config.server.aggregator.name, **config.server.aggregator.options)
     assert isinstance(aggregator, TrimmedMeanAggregator) and aggregator.trim_fraction == 0.2
-    with pytest.raises(ConfigError, match="server.trim_fraction"):
-        load_config(None, ["server.trim_fraction=0.5"])
+    with pytest.raises(ConfigError, match="server.aggregator.*trim_fraction"):
+        load_config(None, ["server.aggregator=trimmed_mean", "server.aggregator.trim_fraction=0.5"])
+    with pytest.raises(ConfigError, match="aggregator 'gma' has no option 'trim_fraction'"):
+        load_config(None, ["server.aggregator=gma", "server.aggregator.trim_fraction=0.2"])
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 6])

@@ -27,7 +27,7 @@ def test_sgd_momentum_is_heavy_ball():
 @pytest.mark.parametrize("kind", ["adam", "yogi", "adagrad"])
 def test_adaptive_rules_follow_reddi_et_al(kind):
     lr, b1, b2, eps = 0.1, 0.9, 0.99, 1e-3
-    opt = make_server_optimizer(kind, lr=lr, beta1=b1, beta2=b2, eps=eps)
+    opt = make_server_optimizer(kind, lr=lr, beta1=b1, eps=eps, **({} if kind == "adagrad" else {"beta2": b2}))
     params = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
     m = torch.zeros(3, dtype=torch.float64)
     v = torch.full((3,), eps**2, dtype=torch.float64)
@@ -81,6 +81,9 @@ def test_momentum_state_round_trip():
         (lambda: ServerSGD(lr=1, momentum=1.0), "momentum must lie in [0, 1)"),
         (lambda: ServerAdam(eps=0), "eps must be a finite number > 0"),
         (lambda: make_server_optimizer("lamb", lr=1), "unknown server optimizer 'lamb'"),
+        (lambda: make_server_optimizer("adam", momentum=0.9), "server optimizer 'adam' has no option 'momentum'"),
+        (lambda: make_server_optimizer("adagrad", beta2=0.9), "server optimizer 'adagrad' has no option 'beta2'"),
+        (lambda: make_server_optimizer("sgd", lr=float("inf")), "server optimizer 'sgd' option 'lr'"),
     ],
 )
 def test_bad_settings_are_rejected(factory, message):

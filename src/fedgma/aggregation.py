@@ -13,7 +13,6 @@ sum-decomposable (sums of ``w·Δ`` and of signs), which keeps secure aggregatio
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor
+
+from fedgma.registry import AGGREGATORS, NoOptions, Options
 
 from .native import FoldKernel, fold_kernel
 
@@ -494,29 +496,44 @@ def gma(
 # Registry
 # --------------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Any] = {}
+class GMAOptions(Options):
+    """Options of ``gma`` (``[server.aggregator]``): Tenison et al. 2023, Gradient Masked Averaging."""
+
+    threshold: float = Field(0.4, ge=0, le=1, description="τ: coordinates with agreement ≥ τ keep mask 1")
+    hard: bool = Field(False, description="mask 0 (not A) below τ: the AND-mask of Parascandolo et al. 2021")
+    weighted_agreement: bool = Field(False, description="agreement |Σ p_k sign Δ_k| with sample weights p_k")
 
 
-def register_aggregator(name: str, factory: Any) -> None:
-    """Make an aggregation rule available by name (``server.aggregator`` in a config)."""
-    _REGISTRY[name] = factory
+def register_aggregator(name: str, factory: Any, options: type[Options] = NoOptions) -> None:
+    """Make an aggregation rule available by name (``server.aggregator`` in a config).
+
+    ``factory(**options, layers=..., check_finite=...)`` must return a fresh streaming aggregator;
+    ``options`` is the pydantic model of its options (a subclass of :class:`fedgma.registry.Options`).
+    """
+    AGGREGATORS.register(name, factory, options)
 
 
 def available_aggregators() -> list[str]:
-    """Names of every registered aggregation rule."""
-    return sorted(_REGISTRY)
+    """Names of every registered aggregation rule (built-in rules included as soon as this is called)."""
+    return AGGREGATORS.names()
 
 
-def make_aggregator(name: str, layers: Sequence[Layer] | None = None, **options: Any) -> Aggregator:
-    """Build a fresh streaming aggregator by name with rule-specific options.
+def make_aggregator(
+    name: str, layers: Sequence[Layer] | None = None, check_finite: bool = True, **options: Any
+) -> Aggregator:
+    """Build a fresh streaming aggregator by name with its own options.
 
-    Options a rule does not take are ignored, so one config section can serve every rule.
+    Args:
+        name: a registered rule (:func:`available_aggregators`).
+        layers: the model's layers (names and slices of the flat vector), for per-layer statistics.
+        check_finite: refuse non-finite updates in ``add`` (the default).
+        **options: the rule's options, e.g. ``threshold=0.4`` for ``gma``.
+
+    Raises:
+        ValueError: unknown rule, an option the rule does not take (with did-you-mean), or a value
+            out of range; the message names the rule and the option.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(available_aggregators())}")
-    factory = _REGISTRY[name]
-    accepted = inspect.signature(factory).parameters
-    return factory(layers=layers, **{k: v for k, v in options.items() if k in accepted})
+    return AGGREGATORS.build(name, options, layers=layers, check_finite=check_finite)
 
 
 def _make_mean(layers: Sequence[Layer] | None = None, check_finite: bool = True) -> MeanAggregator:
@@ -534,4 +551,4 @@ def _make_gma(
 
 
 register_aggregator("mean", _make_mean)
-register_aggregator("gma", _make_gma)
+register_aggregator("gma", _make_gma, GMAOptions)

@@ -1,94 +1,61 @@
-"""Recipes: the classic FL algorithms as named pairs (client algorithm, server optimizer) with defaults.
+"""Recipes: the classic FL algorithms as named defaults for the three independent parts.
 
-The aggregation rule is not part of a recipe: ``algorithm = "fedprox"`` with
-``server.aggregator = "gma"`` is FedProx + GMA, with no class per combination.
+A recipe names a client algorithm (``[client.algorithm]``), a server optimizer
+(``[server.optimizer]``) with its options, and defaults for local training (``[client]``). It is
+only a set of defaults: ``algorithm = "fedavg"`` with ``server.optimizer = "yogi"`` is FedAvg clients
+with a Yogi server, and the aggregation rule is never part of a recipe (``server.aggregator =
+"gma"`` with ``algorithm = "fedprox"`` is FedProx + GMA). :func:`fedgma.config.resolve` fills
+whatever the user left unset from the recipe, and the run folder's ``config.toml`` shows the result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-import torch
-
-from fedgma.client import ClientAlgorithm, LocalSGD, PlainClient, ScaffoldClient
-from fedgma.server_opt import ServerOptimizer, make_server_optimizer
-
-__all__ = ["RECIPES", "Recipe", "available_algorithms", "make_client_algorithm", "make_server_optimizer_for"]
+__all__ = ["RECIPES", "Recipe", "available_algorithms"]
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """An FL algorithm: its client side, its server optimizer, and the defaults of its hyper-parameters."""
+    """An FL algorithm as defaults: its client algorithm, its server optimizer, and local-training values."""
 
-    client: str  # "sgd" | "scaffold"
-    server_optimizer: str  # "sgd" | "adam" | "yogi" | "adagrad"
-    defaults: dict[str, Any] = field(default_factory=dict)
+    client_algorithm: str  # a name in fedgma.registry.CLIENT_ALGORITHMS
+    server_optimizer: str  # a name in fedgma.registry.SERVER_OPTIMIZERS
+    server_options: dict[str, Any] = field(default_factory=dict)  # defaults of [server.optimizer]
+    client_defaults: dict[str, Any] = field(default_factory=dict)  # defaults of [client] keys
     reference: str = ""
 
 
+def _recipe(client: str, server: str, server_options: dict[str, Any], prox_mu: float, reference: str) -> Recipe:
+    return Recipe(client, server, MappingProxyType(server_options), MappingProxyType({"prox_mu": prox_mu}), reference)
+
+
+_REDDI = "Reddi et al. 2021, Adaptive Federated Optimization"
 RECIPES: dict[str, Recipe] = {
-    "fedavg": Recipe(
-        "sgd", "sgd", {"server.lr": 1.0, "server.momentum": 0.0, "client.prox_mu": 0.0},
+    "fedavg": _recipe(
+        "sgd", "sgd", {"lr": 1.0, "momentum": 0.0}, 0.0,
         "McMahan et al. 2017, Communication-Efficient Learning of Deep Networks from Decentralized Data",
     ),
-    "fedavgm": Recipe(
-        "sgd", "sgd", {"server.lr": 1.0, "server.momentum": 0.9, "client.prox_mu": 0.0},
+    "fedavgm": _recipe(
+        "sgd", "sgd", {"lr": 1.0, "momentum": 0.9}, 0.0,
         "Hsu et al. 2019, Measuring the Effects of Non-Identical Data Distribution for Federated Visual Classification",
     ),
-    "fedprox": Recipe(
-        "sgd", "sgd", {"server.lr": 1.0, "server.momentum": 0.0, "client.prox_mu": 0.01},
+    "fedprox": _recipe(
+        "sgd", "sgd", {"lr": 1.0, "momentum": 0.0}, 0.01,
         "Li et al. 2020, Federated Optimization in Heterogeneous Networks",
     ),
-    "scaffold": Recipe(
-        "scaffold", "sgd", {"server.lr": 1.0, "server.momentum": 0.0, "client.prox_mu": 0.0},
+    "scaffold": _recipe(
+        "scaffold", "sgd", {"lr": 1.0, "momentum": 0.0}, 0.0,
         "Karimireddy et al. 2020, SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
     ),
-    "fedadam": Recipe(
-        "sgd", "adam", {"server.lr": 0.01, "server.momentum": 0.0, "client.prox_mu": 0.0},
-        "Reddi et al. 2021, Adaptive Federated Optimization",
-    ),
-    "fedyogi": Recipe(
-        "sgd", "yogi", {"server.lr": 0.01, "server.momentum": 0.0, "client.prox_mu": 0.0},
-        "Reddi et al. 2021, Adaptive Federated Optimization",
-    ),
-    "fedadagrad": Recipe(
-        "sgd", "adagrad", {"server.lr": 0.01, "server.momentum": 0.0, "client.prox_mu": 0.0},
-        "Reddi et al. 2021, Adaptive Federated Optimization",
-    ),
+    "fedadam": _recipe("sgd", "adam", {"lr": 0.01}, 0.0, _REDDI),
+    "fedyogi": _recipe("sgd", "yogi", {"lr": 0.01}, 0.0, _REDDI),
+    "fedadagrad": _recipe("sgd", "adagrad", {"lr": 0.01}, 0.0, _REDDI),
 }
 
 
 def available_algorithms() -> list[str]:
+    """Names of every recipe (``algorithm`` in a config)."""
     return sorted(RECIPES)
-
-
-def make_client_algorithm(
-    algorithm: str,
-    settings: LocalSGD,
-    numel: int,
-    num_clients: int,
-    device: torch.device | str = "cpu",
-    state_memory_mb: int | None = 1024,
-) -> ClientAlgorithm:
-    """The client side of a recipe, with its state (SCAFFOLD's control variates) initialised.
-
-    ``state_memory_mb`` bounds the RAM of per-client state; beyond it, state spills to disk (None: RAM only).
-    """
-    recipe = RECIPES[algorithm]
-    if recipe.client == "scaffold":
-        limit = None if state_memory_mb is None else state_memory_mb * 2**20
-        return ScaffoldClient(settings, numel, num_clients, device, memory_limit_bytes=limit)
-    return PlainClient(settings)
-
-
-def make_server_optimizer_for(algorithm: str, server: Any) -> ServerOptimizer:
-    """The server optimizer of a recipe, configured from a resolved ``[server]`` section."""
-    return make_server_optimizer(
-        RECIPES[algorithm].server_optimizer,
-        lr=server.lr,
-        momentum=server.momentum,
-        beta1=server.beta1,
-        beta2=server.beta2,
-        eps=server.eps,
-    )

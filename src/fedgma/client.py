@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from fedgma.control_store import ControlVariateStore
 from fedgma.data.arrays import ArrayDataset
 from fedgma.models import FlatModel
+from fedgma.registry import CLIENT_ALGORITHMS, NoOptions, Options
 
 __all__ = [
     "ClientAlgorithm",
@@ -34,6 +36,7 @@ __all__ = [
     "PlainClient",
     "ScaffoldClient",
     "batch_schedule",
+    "make_client_algorithm",
     "train_client",
 ]
 
@@ -152,7 +155,12 @@ def train_client(
 
 
 class ClientAlgorithm(Protocol):
-    """Per-round hooks around local SGD, and the algorithm's saved state."""
+    """Per-round hooks around local SGD, and the algorithm's saved state.
+
+    A round is a transaction: ``begin_round``, then ``finish_client`` for every accepted reply
+    (which may only *stage* state changes), then either ``end_round`` (commit every staged change)
+    or ``abort_round`` (discard them: the state is bit-identical to before ``begin_round``).
+    """
 
     name: str
     settings: LocalSGD
@@ -164,6 +172,8 @@ class ClientAlgorithm(Protocol):
     def finish_client(self, result: ClientResult) -> None: ...
 
     def end_round(self, results: Sequence[ClientResult]) -> dict[str, float]: ...
+
+    def abort_round(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -188,6 +198,9 @@ class PlainClient:
 
     def end_round(self, results: Sequence[ClientResult]) -> dict[str, float]:
         return {}
+
+    def abort_round(self) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -215,33 +228,46 @@ class ScaffoldClient:
         num_clients: int,
         device: torch.device | str = "cpu",
         memory_limit_bytes: int | None = ControlVariateStore.DEFAULT_MEMORY_LIMIT,
+        spill_dir: str | None = None,
     ) -> None:
         if settings.momentum or settings.prox_mu:
             raise ValueError("scaffold: option II control variates assume plain local SGD (momentum = prox_mu = 0)")
         self.settings = settings
         self.num_clients = num_clients
         self.server_control = torch.zeros(numel, device=device)
-        self.store = ControlVariateStore(numel, device, memory_limit_bytes=memory_limit_bytes)
+        self.store = ControlVariateStore(numel, device, memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)
         self._delta_sum: Tensor | None = None
+        self._staged: dict[int, Tensor] = {}  # client id -> its new c_i, written when the round commits
 
     def begin_round(self, global_params: Tensor) -> None:
         self._delta_sum = torch.zeros_like(self.server_control)
+        self._staged = {}
 
     def correction(self, client_id: int) -> Tensor:
         return self.server_control - self.store.get(client_id)
 
     def finish_client(self, result: ClientResult) -> None:
-        assert self._delta_sum is not None, "begin_round was not called"
+        """Stage the client's new c_i (kept until ``end_round``; K staged vectors of d floats at most)."""
+        if self._delta_sum is None:
+            raise RuntimeError("scaffold: finish_client called outside a round (call begin_round first)")
         control_delta = -self.server_control - result.update / (result.num_steps * self.settings.lr)
-        self.store.set(result.client_id, self.store.get(result.client_id) + control_delta)
+        self._staged[result.client_id] = self.store.get(result.client_id) + control_delta
         self._delta_sum += control_delta
         result.control_delta = control_delta
 
     def end_round(self, results: Sequence[ClientResult]) -> dict[str, float]:
-        assert self._delta_sum is not None
+        """Commit the round: write every staged c_i and move the server's c by their mean change."""
+        if self._delta_sum is None:
+            raise RuntimeError("scaffold: end_round called outside a round (call begin_round first)")
+        for client_id, value in self._staged.items():
+            self.store.set(client_id, value)
         self.server_control += self._delta_sum / self.num_clients
-        self._delta_sum = None
+        self._delta_sum, self._staged = None, {}
         return {"server_control_norm": float(self.server_control.norm())}
+
+    def abort_round(self) -> None:
+        """Discard the round: no c_i and not c change (a round skipped for too few replies)."""
+        self._delta_sum, self._staged = None, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"server_control": self.server_control.cpu().clone(), "store": self.store.state_dict()}
@@ -256,3 +282,38 @@ def mean_train_loss(results: Iterable[ClientResult]) -> float:
     results = list(results)
     steps = sum(r.num_steps for r in results)
     return sum(r.train_loss * r.num_steps for r in results) / max(steps, 1)
+
+
+class ScaffoldOptions(Options):
+    """Options of the ``scaffold`` client algorithm (``[client.algorithm]``)."""
+
+    memory_mb: int = Field(1024, ge=0, le=2**30, description="RAM for the c_i before they spill to disk (MiB)")
+
+
+def _make_plain(settings: LocalSGD, **_: Any) -> PlainClient:
+    return PlainClient(settings)
+
+
+def _make_scaffold(
+    settings: LocalSGD, numel: int, num_clients: int, device: torch.device | str = "cpu",
+    memory_mb: int = 1024, spill_dir: str | None = None,
+) -> ScaffoldClient:
+    return ScaffoldClient(settings, numel, num_clients, device, memory_limit_bytes=memory_mb * 2**20,
+                          spill_dir=spill_dir)
+
+
+CLIENT_ALGORITHMS.register("sgd", _make_plain, NoOptions, "local SGD: FedAvg (and FedProx with client.prox_mu > 0)")
+CLIENT_ALGORITHMS.register("scaffold", _make_scaffold, ScaffoldOptions, "SCAFFOLD, option II control variates")
+
+
+def make_client_algorithm(name: str, settings: LocalSGD, options: dict[str, Any] | None = None,
+                          **context: Any) -> ClientAlgorithm:
+    """Build a client algorithm by name (``[client.algorithm]``) with its own options.
+
+    ``context`` carries what is not configuration: ``numel`` (parameters of the model),
+    ``num_clients`` (population size N), ``device`` and ``spill_dir`` (where SCAFFOLD's c_i spill).
+
+    Raises:
+        ValueError: unknown algorithm, an option it does not take, or a value out of range.
+    """
+    return CLIENT_ALGORITHMS.build(name, options, settings=settings, **context)

@@ -2,13 +2,24 @@
 
 Every value is validated when the config is loaded; a bad value or an unknown key raises
 :class:`ConfigError` with the dotted key, what is allowed, and a did-you-mean for misspellings.
-Fields left unset (``None``) take the defaults of the chosen algorithm's recipe in
-:func:`resolve`, and the run folder stores the resolved config, so it shows every value used.
+
+The parts a run is composed of are each configured by their own table, validated by the part
+itself (:mod:`fedgma.registry`): ``[server.aggregator]``, ``[server.optimizer]``,
+``[client.algorithm]``, ``[data.dataset]``, ``[data.partition]`` and ``[backend]``, each with a
+``name`` and that part's options; a bare string (``server.aggregator = "gma"``) picks a part with its
+defaults. An option the chosen part does not take is an error naming the part and what it takes.
+
+``algorithm`` names a recipe (:mod:`fedgma.algorithms`): defaults for the client algorithm, the
+server optimizer and local training, filled in by :func:`resolve` wherever the user left them
+unset. The run folder stores the resolved config, so it shows every value used.
+
+Configs of the earlier flat shape (``server.threshold``, ``server.lr``, ``data.alpha``,
+``[data.options]``, ``workers``, ...) are upgraded by :func:`upgrade_raw`, so old configs and run
+folders keep working; a flat key the chosen part does not use is an error naming its new key.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,12 +35,23 @@ from pydantic import (
     model_validator,
 )
 
-import fedgma.robust  # noqa: F401  (registers the robust aggregators: median, trimmed_mean)
-from fedgma.aggregation import available_aggregators
 from fedgma.algorithms import RECIPES, available_algorithms
 from fedgma.models import available_models
+from fedgma.registry import (
+    AGGREGATORS,
+    BACKENDS,
+    CLIENT_ALGORITHMS,
+    DATASETS,
+    PARTITIONERS,
+    SERVER_OPTIMIZERS,
+    Registry,
+    did_you_mean,
+)
 
-__all__ = ["Config", "ConfigError", "apply_overrides", "config_to_toml", "load_config", "parse_config", "resolve"]
+__all__ = [
+    "Config", "ConfigError", "Part", "apply_overrides", "config_to_toml", "load_config", "parse_config", "resolve",
+    "upgrade_raw",
+]
 
 
 class ConfigError(ValueError):
@@ -38,6 +60,80 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Part(BaseModel):
+    """One configured part: its registered ``name`` and its options (the table's other keys).
+
+    Written ``key = "name"`` (the part with its defaults) or as a table ``[key]`` with ``name`` and
+    options. ``name`` may be left out only where a recipe supplies it (server optimizer, client
+    algorithm). The options are checked by the part's own model in the registry.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The part's options (every key of its table but ``name``)."""
+        return dict(self.model_extra or {})
+
+
+# Parts whose registries are filled by modules that are being moved onto fedgma.registry: until
+# they register, their names and options are checked against these lists.
+_LEGACY_OPTIONS: dict[str, dict[str, list[str]]] = {
+    "partitioner": {
+        "iid": [], "dirichlet": ["alpha", "min_size"], "shards": ["classes_per_client"],
+        "quantity": ["beta", "sigma", "min_size"], "quantity-label": ["alpha", "beta", "sigma", "min_size"],
+        "natural": [],
+    },
+    "backend": {"sequential": [], "vectorized": ["max_clients"], "multiprocess": ["workers", "threads"]},
+}
+
+
+def _part_names(registry: Registry[Any]) -> list[str]:
+    return registry.names() or sorted(_LEGACY_OPTIONS.get(registry.kind, {}))
+
+
+def _option_names(registry: Registry[Any], name: str) -> list[str]:
+    """The options ``name`` takes."""
+    if registry.names():
+        return registry.option_names(name)
+    return _LEGACY_OPTIONS[registry.kind][name]
+
+
+def _validate_part(registry: Registry[Any], part: Part | None, fill: bool = False) -> Part | None:
+    """Check ``part`` against its registry; with ``fill``, return it with every default filled in."""
+    if part is None or part.name is None:
+        return part
+    if registry.names():
+        validated = registry.validate(part.name, part.options)
+        return Part(name=part.name, **validated.model_dump(exclude_none=True)) if fill else part
+    names = _part_names(registry)
+    if part.name not in names:
+        raise ValueError(f"unknown {registry.kind} {part.name!r}{did_you_mean(part.name, names)}; "
+                         f"available: {', '.join(names)}")
+    allowed = _option_names(registry, part.name)
+    if allowed is not None:
+        for option in part.options:
+            if option not in allowed:
+                takes = ", ".join(allowed) if allowed else "no options"
+                raise ValueError(f"{registry.kind} {part.name!r} has no option {option!r}"
+                                 f"{did_you_mean(option, allowed)}; it takes: {takes}")
+    return part
+
+
+def _part_validator(registry: Registry[Any]) -> Any:
+    def check(value: Part | None) -> Part | None:
+        return _validate_part(registry, value)
+
+    return check
 
 
 class DomainsConfig(_Section):
@@ -75,55 +171,27 @@ class DomainsConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = "fashion-mnist"
+    dataset: Part = Field(default_factory=lambda: Part(name="fashion-mnist"))  # [data.dataset]: loader + options
     data_dir: str | None = None
     download: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)  # [data.options]: passed to the dataset's loader
-    partition: str = "dirichlet"  # iid | dirichlet | shards | quantity | quantity-label | natural
-    alpha: float = Field(0.5, gt=0)  # Dirichlet label skew (dirichlet, quantity-label)
-    classes_per_client: int = Field(2, ge=1)  # shards: classes per client (NIID-Bench #label k)
-    beta: float | None = Field(None, gt=0, allow_inf_nan=False)  # quantity skew: Dirichlet(β) client shares
-    sigma: float | None = Field(None, gt=0, allow_inf_nan=False)  # quantity skew: log-normal(0, σ) sizes
+    partition: Part = Field(default_factory=lambda: Part(name="dirichlet"))  # [data.partition]: partitioner + options
     num_clients: int = Field(100, ge=1)  # clients that train
     holdout_clients: int = Field(0, ge=0)  # further clients of the same partition used only for testing
-    min_size: int = Field(10, ge=0)
     train_subset: int | None = Field(None, ge=1)  # keep a fixed random subset of the training records
     test_subset: int | None = Field(None, ge=1)  # … and of the test records
     domains: DomainsConfig = Field(default_factory=DomainsConfig)
     # fraction of every client's training records held out as one validation set (for tuning; 0: none)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
 
-    @field_validator("dataset")
+    _dataset = field_validator("dataset")(_part_validator(DATASETS))
+    _partition = field_validator("partition")(_part_validator(PARTITIONERS))
+
+    @field_validator("dataset", "partition")
     @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        from fedgma.data.datasets import available_datasets
-
-        return _one_of(value, available_datasets())
-
-    @field_validator("partition")
-    @classmethod
-    def _known_partition(cls, value: str) -> str:
-        from fedgma.data.federated import available_partitions
-
-        return _one_of(value, available_partitions())
-
-    @field_validator("options")
-    @classmethod
-    def _loader_takes_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from fedgma.data.datasets import check_options
-
-        if "dataset" in info.data:
-            check_options(info.data["dataset"], value)
+    def _named(cls, value: Part, info: ValidationInfo) -> Part:
+        if value.name is None:
+            raise ValueError(f"data.{info.field_name} needs a name")
         return value
-
-    @model_validator(mode="after")
-    def _quantity_skew(self) -> DataConfig:
-        if self.partition in ("quantity", "quantity-label") and (self.beta is None) == (self.sigma is None):
-            raise ValueError(
-                f"partition {self.partition!r} needs exactly one of data.beta (Dirichlet(β) client shares, "
-                "NIID-Bench) or data.sigma (log-normal(0, σ) client sizes)"
-            )
-        return self
 
 
 class ModelConfig(_Section):
@@ -136,6 +204,7 @@ class ModelConfig(_Section):
 
 
 class ClientConfig(_Section):
+    algorithm: Part | None = None  # [client.algorithm]: sgd | scaffold (default: the recipe's)
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -144,28 +213,27 @@ class ClientConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     prox_mu: float | None = Field(None, ge=0)
 
+    _algorithm = field_validator("algorithm")(_part_validator(CLIENT_ALGORITHMS))
+
 
 class ServerConfig(_Section):
-    aggregator: str = "gma"
-    threshold: float = Field(0.4, ge=0, le=1)
-    hard: bool = False
-    weighted_agreement: bool = False
-    lr: float | None = Field(None, gt=0)
-    momentum: float | None = Field(None, ge=0, lt=1)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    eps: float = Field(1e-3, gt=0)
+    aggregator: Part = Field(default_factory=lambda: Part(name="gma"))  # [server.aggregator]: rule + options
+    optimizer: Part | None = None  # [server.optimizer]: sgd | adam | yogi | adagrad + options (default: recipe's)
     clients_per_round: int = Field(10, ge=1)
-    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
     clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_update_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     on_bad_update: Literal["fail", "drop"] = "fail"
     min_clients: int = Field(1, ge=1)
 
+    _aggregator = field_validator("aggregator")(_part_validator(AGGREGATORS))
+    _optimizer = field_validator("optimizer")(_part_validator(SERVER_OPTIMIZERS))
+
     @field_validator("aggregator")
     @classmethod
-    def _known_aggregator(cls, value: str) -> str:
-        return _one_of(value, available_aggregators())
+    def _named(cls, value: Part) -> Part:
+        if value.name is None:
+            raise ValueError("server.aggregator needs a name")
+        return value
 
 
 class FaultsConfig(_Section):
@@ -200,12 +268,9 @@ class Config(_Section):
     eval_every: int = Field(5, ge=1)
     algorithm: str = "fedavg"
     device: str = "cpu"
-    backend: str = "sequential"
+    backend: Part = Field(default_factory=lambda: Part(name="sequential"))  # [backend]: how clients are trained
     engine: Literal["fedgma", "flower"] = "fedgma"  # flower: Flower's simulation engine (fedgma[flower])
     threads: int | None = Field(None, ge=1)
-    workers: int | None = Field(None, ge=1)  # backend "multiprocess": worker processes (default: every core)
-    vector_clients: int | None = Field(None, ge=1)  # backend "vectorized": clients per batched group (default: all)
-    scaffold_memory_mb: int | None = Field(1024, ge=0)  # SCAFFOLD c_i kept in RAM up to this, then on disk; None: RAM
     checkpoint_every: int = Field(1, ge=0)  # rounds between checkpoints; 0: never
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -218,12 +283,7 @@ class Config(_Section):
     def _known_algorithm(cls, value: str) -> str:
         return _one_of(value, available_algorithms())
 
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        from fedgma.backends import available_backends
-
-        return _one_of(value, available_backends())
+    _backend = field_validator("backend")(_part_validator(BACKENDS))
 
     @field_validator("device")
     @classmethod
@@ -239,9 +299,7 @@ def _one_of(value: str, allowed: list[str]) -> str:
     return value
 
 
-def _did_you_mean(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), candidates, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_did_you_mean = did_you_mean
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,15 +307,130 @@ def _did_you_mean(word: str, candidates: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: Part tables by dotted key, with their registries.
+PART_KEYS: dict[str, Registry[Any]] = {
+    "server.aggregator": AGGREGATORS,
+    "server.optimizer": SERVER_OPTIMIZERS,
+    "client.algorithm": CLIENT_ALGORITHMS,
+    "data.dataset": DATASETS,
+    "data.partition": PARTITIONERS,
+    "backend": BACKENDS,
+}
+
+
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, info in model.model_fields.items():
         annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation is not Part:
             keys += _known_keys(annotation, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+# --------------------------------------------------------------------------------------------
+# The earlier flat shape
+# --------------------------------------------------------------------------------------------
+
+#: old flat key -> (its part table, the option's name there, the value the old code wrote by default)
+_MOVED: dict[str, tuple[str, str, Any]] = {
+    "server.threshold": ("server.aggregator", "threshold", 0.4),
+    "server.hard": ("server.aggregator", "hard", False),
+    "server.weighted_agreement": ("server.aggregator", "weighted_agreement", False),
+    "server.trim_fraction": ("server.aggregator", "trim_fraction", 0.1),
+    "server.lr": ("server.optimizer", "lr", None),
+    "server.momentum": ("server.optimizer", "momentum", 0.0),
+    "server.beta1": ("server.optimizer", "beta1", 0.9),
+    "server.beta2": ("server.optimizer", "beta2", 0.99),
+    "server.eps": ("server.optimizer", "eps", 1e-3),
+    "data.alpha": ("data.partition", "alpha", 0.5),
+    "data.classes_per_client": ("data.partition", "classes_per_client", 2),
+    "data.beta": ("data.partition", "beta", None),
+    "data.sigma": ("data.partition", "sigma", None),
+    "data.min_size": ("data.partition", "min_size", 10),
+    "workers": ("backend", "workers", None),
+    "vector_clients": ("backend", "max_clients", None),
+    "scaffold_memory_mb": ("client.algorithm", "memory_mb", 1024),
+}
+_DEFAULT_PART = {"server.aggregator": "gma", "data.partition": "dirichlet", "data.dataset": "fashion-mnist",
+                 "backend": "sequential"}
+
+
+def _table(raw: dict[str, Any], dotted: str) -> dict[str, Any]:
+    node = raw
+    for part in dotted.split("."):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def _part_table(raw: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """The part at ``dotted`` as a table (a bare name becomes ``{"name": ...}``), created in ``raw``."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    value = node.get(leaf)
+    if isinstance(value, str) or value is None:
+        node[leaf] = {} if value is None else {"name": value}
+    return node[leaf]
+
+
+def _part_name(raw: dict[str, Any], dotted: str) -> str | None:
+    value = _table(raw, dotted.rsplit(".", 1)[0]).get(dotted.rsplit(".", 1)[-1]) if "." in dotted else raw.get(dotted)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"]
+    recipe = RECIPES.get(str(raw.get("algorithm", "fedavg")))
+    if dotted == "server.optimizer" and recipe is not None:
+        return recipe.server_optimizer
+    if dotted == "client.algorithm" and recipe is not None:
+        return recipe.client_algorithm
+    return _DEFAULT_PART.get(dotted)
+
+
+def upgrade_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw config dict of the earlier flat shape rewritten into per-part tables (in place; returned).
+
+    ``server.threshold`` → ``server.aggregator.threshold``, ``server.lr`` → ``server.optimizer.lr``,
+    ``data.alpha`` → ``data.partition.alpha``, ``[data.options]`` → ``[data.dataset]``, ``workers`` →
+    ``backend.workers``, ``scaffold_memory_mb`` → ``client.algorithm.memory_mb``, and so on. A flat key
+    the chosen part does not take is dropped where it holds the value the old code wrote by default
+    (old run folders hold every key), and is otherwise an error naming its new key.
+
+    Raises:
+        ConfigError: a flat key with a non-default value that the chosen part does not take.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):
+        options = data.pop("options")
+        if options:
+            _part_table(raw, "data.dataset").update(options)
+    for old, (target, option, default) in _MOVED.items():
+        section, _, leaf = old.rpartition(".")
+        holder = _table(raw, section) if section else raw
+        if leaf not in holder or (section == "" and old == "backend"):
+            continue
+        value = holder.pop(leaf)
+        name = _part_name(raw, target)
+        registry = PART_KEYS[target]
+        try:
+            takes = _option_names(registry, name) if name in _part_names(registry) else []
+        except (KeyError, ValueError):
+            takes = []
+        if option in takes:
+            table = _part_table(raw, target)
+            table.setdefault("name", name) if target not in ("server.optimizer", "client.algorithm") else None
+            table.setdefault(option, value)
+        elif value != default:
+            raise ConfigError(
+                f"config key {old!r} is now '{target}.{option}', and {registry.kind} {name!r} does not take "
+                f"{option!r}; remove it or choose a {registry.kind} that does"
+            )
+    return raw
 
 
 def _format_error(error: ValidationError) -> str:
@@ -300,7 +473,8 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
-    """Validate a raw nested dict into a :class:`Config` (not yet resolved)."""
+    """Validate a raw nested dict into a :class:`Config` (not yet resolved); the flat shape is upgraded first."""
+    raw = upgrade_raw(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
@@ -315,18 +489,31 @@ def parse_value(text: str) -> Any:
         return text  # a bare string, e.g. server.aggregator=mean
 
 
-_FREE_TABLES = ("data.options.",)  # tables whose keys belong to someone else (the dataset's loader)
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as TOML, else taken as strings) to a raw dict."""
+    """Apply ``key.sub=value`` overrides (values parsed as TOML, else taken as strings) to a raw dict.
+
+    ``server.aggregator.threshold=0.2`` sets one option of a part; ``server.aggregator=mean`` picks
+    a part: its options are kept when the name stays the same and reset to the part's defaults when
+    it changes. Flat keys of the earlier shape (``server.threshold=0.2``) are upgraded.
+    """
     known = _known_keys(Config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. server.aggregator=mean")
         key, text = item.split("=", 1)
         key = key.strip()
-        if key not in known and not key.startswith(_FREE_TABLES):  # e.g. data.options.alpha=0.5
+        value = parse_value(text.strip())
+        part_key = next((p for p in PART_KEYS if key.startswith(p + ".")), None)
+        if key in PART_KEYS and isinstance(value, str):
+            table = _part_table(upgrade_raw(raw), key)
+            if table.get("name") != value:
+                table.clear()
+                table["name"] = value
+            continue
+        if part_key is not None:  # an option of a part, checked by the part when the config is parsed
+            _part_table(upgrade_raw(raw), part_key)[key[len(part_key) + 1:]] = value
+            continue
+        if key not in known and key not in _MOVED and not key.startswith("data.options."):
             raise ConfigError(_unknown_key(tuple(key.split("."))))
         node = raw
         *parents, leaf = key.split(".")
@@ -334,7 +521,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key {part!r} must be a table (section), got {node!r}")
-        node[leaf] = parse_value(text.strip())
+        node[leaf] = value
+        upgrade_raw(raw)
     return raw
 
 
@@ -354,14 +542,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def resolve(config: Config) -> Config:
-    """Fill every unset value from the algorithm's recipe and check cross-field constraints."""
+    """Fill every unset value from the algorithm's recipe and each part's own defaults; check cross-field rules.
+
+    The server optimizer and client algorithm default to the recipe's. Where the user names the
+    recipe's own optimizer (or none), the recipe's options (e.g. FedAdam's server lr 0.01) fill what
+    the user left unset; another optimizer starts from its own defaults.
+    """
+    recipe = RECIPES[config.algorithm]
     resolved = config.model_copy(deep=True)
-    for key, value in RECIPES[config.algorithm].defaults.items():
-        section, field = key.split(".")
-        target = getattr(resolved, section)
-        if getattr(target, field) is None:
-            setattr(target, field, value)
-    if resolved.algorithm == "scaffold" and (resolved.client.momentum or resolved.client.prox_mu):
+    for field, value in recipe.client_defaults.items():
+        if getattr(resolved.client, field) is None:
+            setattr(resolved.client, field, value)
+    optimizer = resolved.server.optimizer or Part()
+    if optimizer.name in (None, recipe.server_optimizer):
+        optimizer = Part(name=recipe.server_optimizer, **{**recipe.server_options, **optimizer.options})
+    algorithm = resolved.client.algorithm or Part()
+    if algorithm.name is None:
+        algorithm = Part(name=recipe.client_algorithm, **algorithm.options)
+    parts = {
+        "server.optimizer": optimizer, "client.algorithm": algorithm, "server.aggregator": resolved.server.aggregator,
+        "data.partition": resolved.data.partition, "data.dataset": resolved.data.dataset, "backend": resolved.backend,
+    }
+    for key, part in parts.items():
+        try:
+            filled = _validate_part(PART_KEYS[key], part, fill=True)
+        except ValueError as error:
+            raise ConfigError(f"config key {key!r}: {error}") from None
+        section, _, field = key.rpartition(".")
+        setattr(getattr(resolved, section) if section else resolved, field, filled)
+    if resolved.client.algorithm.name == "scaffold" and (resolved.client.momentum or resolved.client.prox_mu):
         raise ConfigError(
             "config key 'client.momentum'/'client.prox_mu': scaffold needs plain local SGD (set both to 0)"
         )

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from fedgma.aggregation import Aggregator, Layer, _Accumulator, register_aggregator
+from fedgma.registry import Options
 
 __all__ = [
     "MedianAggregator",
@@ -187,5 +189,11 @@ def _make_trimmed_mean(
     return TrimmedMeanAggregator(trim_fraction, check_finite=check_finite)
 
 
+class TrimmedMeanOptions(Options):
+    """Options of ``trimmed_mean`` (Yin et al. 2018, coordinate-wise trimmed mean)."""
+
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="fraction of clients cut at each end, per coordinate")
+
+
 register_aggregator("median", _make_median)
-register_aggregator("trimmed_mean", _make_trimmed_mean)
+register_aggregator("trimmed_mean", _make_trimmed_mean, TrimmedMeanOptions)

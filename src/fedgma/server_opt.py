@@ -16,7 +16,10 @@ import math
 from typing import Any, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor
+
+from fedgma.registry import SERVER_OPTIMIZERS, Options
 
 __all__ = [
     "ServerAdagrad",
@@ -155,24 +158,43 @@ class ServerAdagrad(_Adaptive):
         v.add_(g2)
 
 
-_SERVER_OPTIMIZERS: dict[str, type] = {
-    "sgd": ServerSGD,
-    "adam": ServerAdam,
-    "yogi": ServerYogi,
-    "adagrad": ServerAdagrad,
-}
+class SGDOptions(Options):
+    """Options of the ``sgd`` server optimizer (FedAvg with momentum 0, FedAvgM with momentum > 0)."""
+
+    lr: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="server learning rate η_g")
+    momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball momentum β (FedAvgM, Hsu et al. 2019)")
+
+
+class AdagradOptions(Options):
+    """Options of ``adagrad`` (Reddi et al. 2021, Algorithm 2: v ← v + g², so no β2)."""
+
+    lr: float = Field(0.01, gt=0, le=1e6, allow_inf_nan=False, description="server learning rate η")
+    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay β1")
+    eps: float = Field(1e-3, gt=0, le=1e6, allow_inf_nan=False, description="adaptivity τ; v starts at τ²")
+
+
+class AdaptiveOptions(AdagradOptions):
+    """Options of ``adam`` and ``yogi`` (Reddi et al. 2021, Algorithm 2)."""
+
+    beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay β2")
+
+
+SERVER_OPTIMIZERS.register("sgd", ServerSGD, SGDOptions, "SGD with optional momentum: FedAvg, FedAvgM")
+SERVER_OPTIMIZERS.register("adam", ServerAdam, AdaptiveOptions, "FedAdam (Reddi et al. 2021)")
+SERVER_OPTIMIZERS.register("yogi", ServerYogi, AdaptiveOptions, "FedYogi (Reddi et al. 2021)")
+SERVER_OPTIMIZERS.register("adagrad", ServerAdagrad, AdagradOptions, "FedAdagrad (Reddi et al. 2021)")
 
 
 def available_server_optimizers() -> list[str]:
-    return sorted(_SERVER_OPTIMIZERS)
+    """Names of every registered server optimizer."""
+    return SERVER_OPTIMIZERS.names()
 
 
-def make_server_optimizer(
-    name: str, lr: float, momentum: float = 0.0, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3
-) -> ServerOptimizer:
-    """Build a server optimizer by name; options an optimizer does not use are ignored."""
-    if name == "sgd":
-        return ServerSGD(lr=lr, momentum=momentum)
-    if name in _SERVER_OPTIMIZERS:
-        return _SERVER_OPTIMIZERS[name](lr=lr, beta1=beta1, beta2=beta2, eps=eps)
-    raise ValueError(f"unknown server optimizer {name!r}; available: {', '.join(available_server_optimizers())}")
+def make_server_optimizer(name: str, **options: Any) -> ServerOptimizer:
+    """Build a server optimizer by name with its own options (``[server.optimizer]``).
+
+    Raises:
+        ValueError: unknown optimizer, an option it does not take (e.g. ``momentum`` for ``adam``),
+            or a value out of range; the message names the optimizer and the option.
+    """
+    return SERVER_OPTIMIZERS.build(name, options)

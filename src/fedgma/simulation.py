@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedgma.aggregation import make_aggregator
-from fedgma.algorithms import make_client_algorithm, make_server_optimizer_for
+from fedgma.aggregation import Aggregator, make_aggregator
 from fedgma.backends import make_backend
 from fedgma.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint, truncate_jsonl
-from fedgma.client import LocalSGD, mean_train_loss
+from fedgma.client import ClientResult, LocalSGD, make_client_algorithm, mean_train_loss
 from fedgma.config import Config, config_to_toml
 from fedgma.data.arrays import ArrayDataset
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
 from fedgma.faults import NO_REPLY, attack_update, label_flip_clients, poison_labels, round_faults
 from fedgma.models import FlatModel, build_model
 from fedgma.plots import write_partition_files
-from fedgma.robust import update_problem, with_clipping
+from fedgma.robust import with_clipping
+from fedgma.round import BadUpdateError, ReplyPolicy, ServerState, run_round
 from fedgma.seeding import numpy_rng, torch_generator
+from fedgma.server_opt import make_server_optimizer
 
 __all__ = [
-    "BadUpdateError", "ProgressBar", "evaluate", "evaluate_all", "local_settings", "run", "sample_clients", "summarize",
+    "BadUpdateError", "ProgressBar", "aggregator_factory", "build_state", "evaluate", "evaluate_all", "local_settings",
+    "reply_policy", "run", "sample_clients", "summarize",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,10 +116,6 @@ def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if k != "mask" and k != "num_clients"}
 
 
-class BadUpdateError(ValueError):
-    """A client sent an unusable update and ``server.on_bad_update = "fail"``; names the client and round."""
-
-
 class _JsonLines:
     def __init__(self, path: Path) -> None:
         self.handle = open(path, "a", buffering=1)  # noqa: SIM115  (closed by close(), lines flushed as written)
@@ -126,6 +125,33 @@ class _JsonLines:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def build_state(config: Config, model: FlatModel, num_clients: int, run_dir: Path | None = None) -> ServerState:
+    """The state before round 1: the initial model and fresh server optimizer and client algorithm."""
+    client = config.client.algorithm
+    client_algorithm = make_client_algorithm(
+        client.name, local_settings(config), client.options, numel=model.numel, num_clients=num_clients,
+        device=model.params.device, spill_dir=None if run_dir is None else str(run_dir / "controls"),
+    )
+    server_optimizer = make_server_optimizer(config.server.optimizer.name, **config.server.optimizer.options)
+    return ServerState(0, model.params.clone(), server_optimizer, client_algorithm)
+
+
+def aggregator_factory(config: Config, model: FlatModel) -> Callable[[], Aggregator]:
+    """A maker of fresh aggregators for each round: ``[server.aggregator]``, behind ``server.clip_norm``."""
+    part, clip_norm = config.server.aggregator, config.server.clip_norm
+    make_aggregator(part.name, layers=model.layers, **part.options)  # fail now, not in round 1
+
+    def make() -> Aggregator:
+        return with_clipping(make_aggregator(part.name, layers=model.layers, **part.options), clip_norm)
+
+    return make
+
+
+def reply_policy(config: Config, model: FlatModel) -> ReplyPolicy:
+    s = config.server
+    return ReplyPolicy(model.numel, s.max_update_norm, s.on_bad_update, s.min_clients)
 
 
 def run(
@@ -155,6 +181,7 @@ def run(
     device = torch.device(config.device)
     seed = config.seed
 
+    # -- build: data, model, parts, state -------------------------------------------------------
     data = data or build_federated(config.data, seed)
     if config.data.validation_fraction and "validation" not in data.extra_tests:
         data = hold_out_validation(data, config.data.validation_fraction, seed)  # reported as validation_*
@@ -165,90 +192,56 @@ def run(
     data = data.to(device)
     module = build_model(config.model.name, data.input_shape, data.num_classes, torch_generator(seed, "init"))
     model = FlatModel(module, device)
-    params = model.params.clone()
+    state = build_state(config, model, data.num_clients, run_dir)
+    new_aggregator = aggregator_factory(config, model)
+    policy = reply_policy(config, model)
+    backend = make_backend(config.backend.name, model, data, local_settings(config), seed, **config.backend.options)
 
-    settings = local_settings(config)
-    client_algorithm = make_client_algorithm(
-        config.algorithm, settings, model.numel, data.num_clients, device, state_memory_mb=config.scaffold_memory_mb
-    )
-    server_optimizer = make_server_optimizer_for(config.algorithm, config.server)
-    aggregator_options = config.server.model_dump()
-    backend = make_backend(
-        config.backend, model, data, settings, seed, workers=config.workers, max_clients=config.vector_clients
-    )
-
-    total_steps = 0
-    last_round_stats: dict[str, Any] = {}
-    initial = evaluate_all(model, params, data)  # the untrained model, for "improves over the start"
+    initial = evaluate_all(model, state.params, data)  # the untrained model, for "improves over the start"
     if checkpoint is not None:
-        params = checkpoint["params"].to(device)
-        server_optimizer.load_state_dict(_to_device(checkpoint["server_optimizer"], device))
-        client_algorithm.load_state_dict(checkpoint["client_algorithm"])
+        state.load_state_dict(checkpoint)
         torch.set_rng_state(checkpoint["torch_rng_state"])
-        total_steps = checkpoint["total_steps"]
-    first_round = 1 if checkpoint is None else checkpoint["round"] + 1
-    history = truncate_jsonl(run_dir / "metrics.jsonl", first_round - 1)  # drop what the killed run wrote after
-    truncate_jsonl(run_dir / "rounds.jsonl", first_round - 1)
+    history = truncate_jsonl(run_dir / "metrics.jsonl", state.round)  # drop what the killed run wrote after
+    truncate_jsonl(run_dir / "rounds.jsonl", state.round)
     metrics_log = _JsonLines(run_dir / "metrics.jsonl")
     rounds_log = _JsonLines(run_dir / "rounds.jsonl")
     bar = ProgressBar(config.rounds, progress)
-    bar.update(first_round - 1)
+    bar.update(state.round)
+    checkpoint_s = 0.0
     try:
-        for round_index in range(first_round, config.rounds + 1):
+        for round_index in range(state.round + 1, config.rounds + 1):
+            # -- sample, train, check, aggregate, server step ----------------------------------
             round_start = time.perf_counter()
             sampled = sample_clients(seed, round_index, data.num_clients, config.server.clients_per_round)
             faults = round_faults(config.faults, seed, round_index, sampled)
-            dropped = {c: NO_REPLY[kind] for c, kind in faults.items() if kind in NO_REPLY}  # never reply
-            aggregator = with_clipping(
-                make_aggregator(config.server.aggregator, layers=model.layers, **aggregator_options),
-                config.server.clip_norm,
-            )
-            client_algorithm.begin_round(params)
-            results = []
-            replying = [c for c in sampled if c not in dropped]
-            for result in backend.train(params, replying, round_index, client_algorithm):
-                total_steps += result.num_steps
-                if result.client_id in faults:
-                    result = attack_update(result, faults[result.client_id], config.faults.scale_factor)
-                problem = update_problem(result.update, model.numel, config.server.max_update_norm)
-                if problem is not None:
-                    dropped[result.client_id] = _reject(problem, result.client_id, round_index, config)
-                    continue
-                client_algorithm.finish_client(result)
-                aggregator.add(result.update, result.num_samples)
-                result.update = None  # type: ignore[assignment]  # folded in; free it now
-                results.append(result)
-            if len(results) >= config.server.min_clients:
-                update, stats = aggregator.result()
-                params = _finite(server_optimizer.step(params, -update), round_index)
-                algorithm_stats = client_algorithm.end_round(results)
-            else:  # too few replies: the round is lost and the global model stays as it was
-                log.warning("round %d: %d of %d clients replied (server.min_clients = %d); round skipped",
-                            round_index, len(results), len(sampled), config.server.min_clients)
-                update, stats, algorithm_stats = torch.zeros_like(params), {}, {"skipped": True}
+            no_reply = {c: NO_REPLY[kind] for c, kind in faults.items() if kind in NO_REPLY}  # never reply
+            replies = backend.train(state.params, [c for c in sampled if c not in no_reply], round_index,
+                                    state.client_algorithm)
+            if faults:
+                replies = _with_attacks(replies, faults, config.faults.scale_factor)
+            state, outcome = run_round(state, round_index, replies, new_aggregator, policy, dropped=no_reply)
 
-            last_round_stats = _scalar_stats(stats)
+            # -- log, evaluate, checkpoint ------------------------------------------------------
+            round_stats = _scalar_stats(outcome.stats)
             round_record = {
                 "round": round_index,
                 "clients": sampled,
-                "train_loss": mean_train_loss(results),
-                "local_steps": sum(r.num_steps for r in results),
-                "update_norm": float(update.norm()),
-                **algorithm_stats,
-                **last_round_stats,
+                "train_loss": mean_train_loss(outcome.accepted),
+                "local_steps": sum(r.num_steps for r in outcome.accepted),
+                "update_norm": float(outcome.update.norm()),
+                **outcome.algorithm_stats,
+                **round_stats,
                 **({"faults": {str(c): kind for c, kind in faults.items()}} if faults else {}),
-                **({"dropped": {str(c): why for c, why in sorted(dropped.items())}} if dropped else {}),
+                **({"dropped": {str(c): why for c, why in sorted(outcome.dropped.items())}} if outcome.dropped else {}),
                 "round_s": time.perf_counter() - round_start,
             }
-            rounds_log.write(round_record)
-
             if round_index % config.eval_every == 0 or round_index == config.rounds:
                 record = {
                     "round": round_index,
-                    **evaluate_all(model, params, data),
+                    **evaluate_all(model, state.params, data),
                     "train_loss": round_record["train_loss"],
-                    "total_local_steps": total_steps,
-                    **{k: v for k, v in last_round_stats.items() if isinstance(v, float)},
+                    "total_local_steps": state.total_steps,
+                    **{k: v for k, v in round_stats.items() if isinstance(v, float)},
                     "elapsed_s": time.perf_counter() - start_time,
                 }
                 metrics_log.write(record)
@@ -256,57 +249,34 @@ def run(
                 bar.update(round_index, record)
             else:
                 bar.update(round_index)
-
+            rounds_log.write(round_record)  # before the checkpoint: a resume cuts the logs back to its round
             if config.checkpoint_every and (round_index % config.checkpoint_every == 0 or round_index == config.rounds):
+                checkpoint_start = time.perf_counter()
                 save_checkpoint(run_dir, round_index, {
-                    "round": round_index,
                     "config": config_to_toml(config),
-                    "params": params.cpu(),
-                    "server_optimizer": _to_device(server_optimizer.state_dict(), "cpu"),
-                    "client_algorithm": _to_device(client_algorithm.state_dict(), "cpu"),
+                    **state.state_dict(),
                     "torch_rng_state": torch.get_rng_state(),  # unused by fedgma's own streams; kept for exactness
-                    "total_steps": total_steps,
                 })
+                checkpoint_s += time.perf_counter() - checkpoint_start
     finally:
         backend.close()
         bar.close()
         metrics_log.close()
         rounds_log.close()
 
-    summary = summarize(config, history, total_steps, time.perf_counter() - start_time)
+    summary = summarize(config, history, state.total_steps, time.perf_counter() - start_time)
     summary["initial"] = initial
+    summary["checkpoint_s"] = checkpoint_s  # time spent writing checkpoints (this process only, if resumed)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    torch.save({"round": config.rounds, "params": params.cpu()}, run_dir / "final_model.pt")
+    torch.save({"round": config.rounds, "params": state.params.cpu()}, run_dir / "final_model.pt")
     return summary
 
 
-def _reject(problem: str, client_id: int, round_index: int, config: Config) -> str:
-    """Apply ``server.on_bad_update`` to a bad reply: raise naming the client, or log and return the reason."""
-    message = f"round {round_index}: client {client_id} {problem}"
-    if config.server.on_bad_update == "fail":
-        raise BadUpdateError(f"{message} (server.on_bad_update = 'fail'; set it to 'drop' to skip such clients)")
-    log.warning("%s; dropped from the round (server.on_bad_update = 'drop')", message)
-    return problem
-
-
-def _finite(params: Tensor, round_index: int) -> Tensor:
-    if not bool(torch.isfinite(params).all()):
-        raise FloatingPointError(
-            f"round {round_index}: the aggregate would make the global model non-finite; "
-            "lower client.lr or server.lr, or set server.max_update_norm / server.clip_norm"
-        )
-    return params
-
-
-def _to_device(state: Any, device: torch.device | str) -> Any:
-    """A copy of a (nested) state dict with every tensor moved to ``device``."""
-    if isinstance(state, Tensor):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_device(v, device) for v in state)
-    return state
+def _with_attacks(replies: Iterable[ClientResult], faults: dict[int, str], scale_factor: float
+                  ) -> Iterator[ClientResult]:
+    """The replies with ``[faults]`` applied: a faulty client sends NaN, −Δ or a scaled Δ instead."""
+    for result in replies:
+        yield attack_update(result, faults[result.client_id], scale_factor) if result.client_id in faults else result
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -343,7 +313,7 @@ def summarize(config: Config, history: list[dict[str, Any]], total_steps: int, w
     return {
         "name": config.name,
         "algorithm": config.algorithm,
-        "aggregator": config.server.aggregator,
+        "aggregator": config.server.aggregator.name,
         "seed": config.seed,
         "rounds": config.rounds,
         "final": {k: final[k] for k in ["round", *accuracy_keys, "test_loss", "train_loss"] if k in final},
