@@ -86,7 +86,7 @@ def test_a_run_checkpoints_every_round_with_everything_needed(tmp_path):
     assert checkpoint["round"] == 3 and torch.equal(checkpoint["params"], final["params"])
     assert set(checkpoint) >= {"config", "params", "server_optimizer", "client_algorithm", "torch_rng_state",
                                "total_steps"}
-    assert len(checkpoint["client_algorithm"]["store"]["values"]) > 0  # SCAFFOLD's c_i are saved
+    assert len(checkpoint["client_algorithm"]["store"]["clients"]) > 0  # SCAFFOLD's c_i are saved (by reference)
     assert checkpoint["total_steps"] == json.loads((tmp_path / "summary.json").read_text())["total_local_steps"]
 
 

@@ -102,8 +102,9 @@ def test_scaffold_option_two_control_variates():
     result = train_client(model, params, data, settings, torch.Generator().manual_seed(0), algorithm.correction(2), 2)
     algorithm.finish_client(result)
     expected_ci = -result.update / (result.num_steps * settings.lr)
-    torch.testing.assert_close(algorithm.store.get(2), expected_ci)
+    assert torch.equal(algorithm.store.get(2), torch.zeros(model.numel))  # staged, not yet committed
     algorithm.end_round([result])
+    torch.testing.assert_close(algorithm.store.get(2), expected_ci)
     torch.testing.assert_close(algorithm.server_control, expected_ci / 4)
     # round 2: client 2's correction is c − c_2
     algorithm.begin_round(params)
@@ -140,3 +141,25 @@ def test_bad_local_settings_name_the_key(kwargs, key):
 def test_num_steps_counts_the_batches_of_batch_schedule(num_samples, settings):
     """The multiprocess backend schedules clients by this count, so it must be the schedule's length."""
     assert settings.num_steps(num_samples) == len(batch_schedule(num_samples, settings, torch.Generator()))
+
+
+def test_scaffold_aborted_round_leaves_every_control_variate_bit_identical():
+    model, data = tiny_problem()
+    settings = LocalSGD(epochs=1, batch_size=10, lr=0.1)
+    algorithm = ScaffoldClient(settings, model.numel, num_clients=4)
+    params = model.params.clone()
+    for round_index, commit in ((1, True), (2, False)):
+        algorithm.begin_round(params)
+        before = {k: v.clone() for k, v in algorithm.state_dict()["store"]["values"].items()}
+        control = algorithm.server_control.clone()
+        for client in (0, 2):
+            generator = torch.Generator().manual_seed(round_index * 10 + client)
+            result = train_client(model, params, data, settings, generator, algorithm.correction(client), client)
+            algorithm.finish_client(result)
+        if commit:
+            algorithm.end_round([])
+            continue
+        algorithm.abort_round()
+        after = algorithm.state_dict()["store"]["values"]
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.equal(algorithm.server_control, control)

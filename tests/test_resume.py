@@ -19,7 +19,7 @@ from fedgma.checkpoint import latest_checkpoint
 from fedgma.config import config_to_toml, load_config
 from fedgma.data.federated import build_federated
 
-TIMING = {"elapsed_s", "wall_s", "round_s"}
+TIMING = {"elapsed_s", "wall_s", "round_s", "checkpoint_s"}
 DIGITS = [
     "data.dataset=digits", "data.partition=dirichlet", "data.alpha=0.5", "data.num_clients=12", "data.min_size=5",
     "server.clients_per_round=4", "client.batch_size=32", "client.lr=0.05", "eval_every=2", "threads=1",

@@ -50,19 +50,19 @@ def test_plan_names_folders_by_grid_values_and_seed(tmp_path: Path) -> None:
         "aggregator=mean_seed0", "aggregator=mean_seed1", "aggregator=gma_seed0", "aggregator=gma_seed1",
     ]
     assert [r.config.seed for r in plan] == [0, 1, 0, 1]
-    assert {r.config.server.aggregator for r in plan} == {"mean", "gma"}
+    assert {r.config.server.aggregator.name for r in plan} == {"mean", "gma"}
 
 
 def test_plan_keeps_full_keys_when_last_components_clash(tmp_path: Path) -> None:
     plan = plan_sweep(PAPER, [parse_grid("server.lr=1,2"), parse_grid("client.lr=0.1")], 1, tmp_path, TINY)
     assert plan[0].run_dir.name == "server.lr=1_client.lr=0.1_seed0"
-    assert plan[1].config.server.lr == 2 and plan[1].config.client.lr == 0.1
+    assert plan[1].config.server.optimizer.lr == 2 and plan[1].config.client.lr == 0.1
 
 
 def test_plan_applies_tuned_server_lr_per_algorithm_and_aggregator(tmp_path: Path) -> None:
     tuned = {("fedavg", "mean"): 1.0, ("fedavg", "gma"): 2.0}
     plan = plan_sweep(PAPER, [parse_grid("server.aggregator=mean,gma")], 1, tmp_path, TINY, tuned)
-    assert [(r.config.server.aggregator, r.config.server.lr) for r in plan] == [("mean", 1.0), ("gma", 2.0)]
+    assert [(r.config.server.aggregator.name, r.config.server.optimizer.lr) for r in plan] == [("mean", 1.0), ("gma", 2.0)]
     with pytest.raises(ConfigError, match="no tuned server lr for fedprox\\+mean"):
         plan_sweep(PAPER, [parse_grid("algorithm=fedprox")], 1, tmp_path, [*TINY, "server.aggregator=mean"], tuned)
 

@@ -48,7 +48,7 @@ def main(debug: bool) -> None:
 
 
 def _default_run_dir(config: Any) -> Path:
-    base = Path("runs") / f"{config.name or 'run'}-{config.algorithm}-{config.server.aggregator}-seed{config.seed}"
+    base = Path("runs") / f"{config.name or 'run'}-{config.algorithm}-{config.server.aggregator.name}-seed{config.seed}"
     candidate, n = base, 1
     while candidate.exists() and any(candidate.iterdir()):
         candidate = base.with_name(f"{base.name}-{n}")

@@ -417,18 +417,16 @@ def upgrade_raw(raw: dict[str, Any]) -> dict[str, Any]:
         value = holder.pop(leaf)
         name = _part_name(raw, target)
         registry = PART_KEYS[target]
-        try:
-            takes = _option_names(registry, name) if name in _part_names(registry) else []
-        except (KeyError, ValueError):
-            takes = []
-        if option in takes:
+        known = name is not None and name in _part_names(registry)
+        if not known or option in _option_names(registry, name):  # an unknown part is reported by its own check
             table = _part_table(raw, target)
-            table.setdefault("name", name) if target not in ("server.optimizer", "client.algorithm") else None
-            table.setdefault(option, value)
+            if target not in ("server.optimizer", "client.algorithm"):  # those two may take the recipe's name
+                table.setdefault("name", name)
+            table[option] = value
         elif value != default:
             raise ConfigError(
                 f"config key {old!r} is now '{target}.{option}', and {registry.kind} {name!r} does not take "
-                f"{option!r}; remove it or choose a {registry.kind} that does"
+                f"{option!r}; remove it, or pick a {registry.kind} that takes it"
             )
     return raw
 

@@ -42,7 +42,7 @@ FAILED = "error.txt"
 def parse_grid(item: str) -> tuple[str, list[Any]]:
     """``key=v1,v2,...`` → (key, [v1, v2, ...]) with values parsed as TOML scalars."""
     if "=" not in item:
-        raise ConfigError(f"--grid {item!r} must look like key=v1,v2,... e.g. server.threshold=0,0.4,0.8")
+        raise ConfigError(f"--grid {item!r} must look like key=v1,v2,... e.g. server.aggregator.threshold=0,0.4,0.8")
     key, values = item.split("=", 1)
     parsed = [parse_value(v.strip()) for v in values.split(",") if v.strip()]
     if not parsed:
@@ -106,11 +106,11 @@ def plan_sweep(
             overrides = [*base_overrides, *combo, f"seed={seed}"]
             config = load_config(config_path, overrides)
             if server_lr is not None:
-                pair = (config.algorithm, config.server.aggregator)
+                pair = (config.algorithm, config.server.aggregator.name)
                 if pair not in server_lr:
                     known = ", ".join(f"{a}+{g}" for a, g in sorted(server_lr)) or "none"
                     raise ConfigError(f"no tuned server lr for {pair[0]}+{pair[1]} (tuned: {known})")
-                config = load_config(config_path, [*overrides, f"server.lr={server_lr[pair]!r}"])
+                config = load_config(config_path, [*overrides, f"server.optimizer.lr={server_lr[pair]!r}"])
             plan.append(SweepRun(tuple(combo), Path(out_dir) / _folder_name(combo, seed), config))
     names = [run.run_dir for run in plan]
     if len(set(names)) != len(names):
@@ -136,7 +136,7 @@ def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any] | None
         return simulate(run.config, run.run_dir, progress=False)
     except divergence as error:
         record = {"status": "diverged", "error": str(error), "algorithm": run.config.algorithm,
-                  "aggregator": run.config.server.aggregator, "seed": run.config.seed}
+                  "aggregator": run.config.server.aggregator.name, "seed": run.config.seed}
         (run.run_dir / DIVERGED).write_text(json.dumps(record, indent=2))
         return None
     except Exception:
