@@ -19,7 +19,7 @@ needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST n
 
 
 def data_config(*overrides: str):
-    base = ["data.dataset=digits", "data.num_clients=6", "server.clients_per_round=2", "data.min_size=5"]
+    base = ["data.dataset=digits", "data.num_clients=6", "server.clients_per_round=2"]
     return load_config(None, [*base, *overrides]).data
 
 
@@ -32,11 +32,11 @@ DIGITS = load_dataset("digits")
 
 PARTITIONS = [
     ("iid", []),
-    ("dirichlet", ["data.alpha=0.3"]),
-    ("shards", ["data.classes_per_client=2"]),
-    ("quantity", ["data.beta=0.5"]),
-    ("quantity", ["data.sigma=1.0"]),
-    ("quantity-label", ["data.alpha=0.5", "data.beta=0.5"]),
+    ("dirichlet", ["data.partition.alpha=0.3"]),
+    ("shards", ["data.partition.classes_per_client=2"]),
+    ("quantity", ["data.partition.beta=0.5"]),
+    ("quantity", ["data.partition.sigma=1.0"]),
+    ("quantity-label", ["data.partition.alpha=0.5", "data.partition.beta=0.5"]),
 ]
 
 
@@ -68,15 +68,15 @@ def test_partition_follows_the_seed():
 
 
 def test_shards_give_each_client_exactly_k_classes():
-    data = build_federated(data_config("data.partition=shards", "data.classes_per_client=3"), seed=0)
+    data = build_federated(data_config("data.partition=shards", "data.partition.classes_per_client=3"), seed=0)
     assert all(int((np.asarray(row) > 0).sum()) == 3 for row in data.statistics["label_counts"])
 
 
 def test_quantity_needs_beta_or_sigma():
-    with pytest.raises(ConfigError, match=r"'data'.*exactly one of data.beta .* or data.sigma"):
+    with pytest.raises(ConfigError, match=r"partitioner 'quantity' option 'sigma': give exactly one of beta"):
         data_config("data.partition=quantity")
     with pytest.raises(ConfigError, match="exactly one"):
-        data_config("data.partition=quantity-label", "data.beta=0.5", "data.sigma=1")
+        data_config("data.partition=quantity-label", "data.partition.beta=0.5", "data.partition.sigma=1")
 
 
 # ---------------------------------------------------------------- feature skew
@@ -198,7 +198,7 @@ def test_holdout_clients_never_train_and_cover_the_rest():
 
 def test_natural_partition_of_synthetic_uses_its_clients():
     cfg = data_config("data.dataset=synthetic", "data.partition=natural", "data.num_clients=8",
-                      "data.holdout_clients=2", "data.options.alpha=0.5", "data.options.beta=0.5")
+                      "data.holdout_clients=2", "data.dataset.alpha=0.5", "data.dataset.beta=0.5")
     data = build_federated(cfg, seed=0)
     splits = load_dataset("synthetic", alpha=0.5, beta=0.5, num_clients=10)  # num_clients comes from the config
     assert data.num_clients == 8 and len(data.holdout_clients) == 2
@@ -216,7 +216,7 @@ def test_natural_partition_of_synthetic_uses_its_clients():
 def test_natural_partition_errors():
     with pytest.raises(ValueError, match="has 10 natural clients.*set data.num_clients = 8"):
         build_federated(data_config("data.dataset=synthetic", "data.partition=natural", "data.num_clients=6",
-                                    "data.holdout_clients=2", "data.options.num_clients=10"), seed=0)
+                                    "data.holdout_clients=2", "data.dataset.num_clients=10"), seed=0)
     with pytest.raises(ValueError, match="'natural' needs a dataset with client ids.*'digits' has none"):
         build_federated(data_config("data.partition=natural"), seed=0)
 
@@ -227,9 +227,9 @@ def test_natural_partition_of_a_user_csv(tmp_path):
     for i in range(60):
         lines.append(f"{rng.normal():.4f},{rng.normal():.4f},{i % 3},{['a', 'b', 'c', 'd'][i % 4]}")
     (tmp_path / "records.csv").write_text("\n".join(lines) + "\n")
-    cfg = data_config("data.dataset=csv", "data.partition=natural", "data.num_clients=4", "data.min_size=0",
-                      f"data.options.path='{tmp_path / 'records.csv'}'", "data.options.client_column=hospital",
-                      "data.options.test_fraction=0.2")
+    cfg = data_config("data.dataset=csv", "data.partition=natural", "data.num_clients=4",
+                      f"data.dataset.path='{tmp_path / 'records.csv'}'", "data.dataset.client_column=hospital",
+                      "data.dataset.test_fraction=0.2")
     data = build_federated(cfg, seed=0)
     assert data.statistics["client_ids"] == ["a", "b", "c", "d"]
     assert data.statistics["sizes"] == [12, 12, 12, 12]  # 15 records each, 20% held out per client
@@ -237,22 +237,25 @@ def test_natural_partition_of_a_user_csv(tmp_path):
 
 
 def test_loader_option_errors_name_the_option():
-    with pytest.raises(ConfigError, match=r"'data.options'.*does not take option\(s\) alph.*did you mean 'alpha'"):
-        data_config("data.dataset=synthetic", "data.options.alph=0.5")
-    with pytest.raises(ConfigError, match=r"dataset 'digits' does not take option\(s\) path; it takes: no options"):
-        data_config("data.options.path='x.csv'")
-    with pytest.raises(ConfigError, match=r"dataset 'fashion-mnist' does not take option\(s\) downsample"):
-        load_config(None, ["data.options.downsample=2"])
+    with pytest.raises(ConfigError, match=r"dataset 'synthetic' has no option 'alph' \(did you mean 'alpha'\?\)"):
+        data_config("data.dataset=synthetic", "data.dataset.alph=0.5")
+    with pytest.raises(ConfigError, match=r"dataset 'digits' has no option 'path'; it takes: test_fraction, seed"):
+        data_config("data.dataset.path='x.csv'")
+    with pytest.raises(ConfigError, match=r"dataset 'fashion-mnist' has no option 'downsample'; it takes: no options"):
+        load_config(None, ["data.dataset=fashion-mnist", "data.dataset.downsample=2"])
+    with pytest.raises(ConfigError, match=r"dataset 'synthetic' option 'alpha': .*greater than or equal to 0"):
+        data_config("data.dataset=synthetic", "data.dataset.alpha=-1")
     with pytest.raises(DatasetError, match="csv: file .*missing.csv not found"):
-        build_federated(data_config("data.dataset=csv", "data.options.path='missing.csv'"), seed=0)
+        build_federated(data_config("data.dataset=csv", "data.dataset.path='missing.csv'"), seed=0)
 
 
 def test_options_override_from_the_command_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[data]\ndataset = 'synthetic'\npartition = 'natural'\nnum_clients = 5\n"
-                    "[data.options]\nalpha = 1.0\n[server]\nclients_per_round = 2\n")
-    config = load_config(path, ["data.options.beta=0.25"])
-    assert config.data.options == {"alpha": 1.0, "beta": 0.25}
+                    "[data.options]\nalpha = 1.0\n[server]\nclients_per_round = 2\n")  # the earlier shape, upgraded
+    config = load_config(path, ["data.dataset.beta=0.25"])
+    assert config.data.dataset.name == "synthetic"
+    assert (config.data.dataset.options["alpha"], config.data.dataset.options["beta"]) == (1.0, 0.25)
 
 
 def test_subsets_are_fixed_and_follow_client_ids():
@@ -276,8 +279,8 @@ def colour_agreement(data) -> float:
 @needs_fashion
 def test_colored_environments_test_in_and_out_of_distribution():
     cfg = data_config("data.dataset=colored-fashion-mnist", "data.partition=natural", "data.num_clients=4",
-                      "data.options.train_probabilities=[0.9, 0.7]", "data.options.clients_per_environment=2",
-                      "data.options.downsample=2", "data.train_subset=8000", "data.test_subset=4000")
+                      "data.dataset.train_probabilities=[0.9, 0.7]", "data.dataset.clients_per_environment=2",
+                      "data.dataset.downsample=2", "data.train_subset=8000", "data.test_subset=4000")
     data = build_federated(cfg, seed=0)
     assert data.num_clients == 4 and data.input_shape == (2, 14, 14) and data.num_classes == 2
     assert [round(colour_agreement(c), 1) for c in data.clients] == [0.9, 0.9, 0.7, 0.7]

@@ -10,7 +10,7 @@ import tomllib
 from click.testing import CliRunner
 
 from fedgma.cli import main
-from fedgma.config import load_config
+from fedgma.config import load_config, upgrade_raw
 from fedgma.simulation import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,15 +21,21 @@ FAST = ["rounds=1", "eval_every=1", "checkpoint_every=0", "threads=1", "client.l
         "data.train_subset=3000", "data.test_subset=500", "server.clients_per_round=2"]
 
 
+def part(data: dict, key: str, default: str) -> str:
+    """The name of part ``data.<key>``, written as a bare name or as a table with ``name``."""
+    value = data.get(key, default)
+    return value.get("name", default) if isinstance(value, dict) else value
+
+
 def tiny(config: Path) -> list[str]:
     """Overrides that keep the config's setting but make it run in about a second."""
-    raw = tomllib.loads(config.read_text())
-    data = raw.get("data", {})
+    data = upgrade_raw(tomllib.loads(config.read_text())).get("data", {})
+    dataset, partition = part(data, "dataset", "fashion-mnist"), part(data, "partition", "dirichlet")
     overrides = list(FAST)
-    if data.get("partition") == "natural" and data.get("dataset", "").startswith("colored"):
-        environments = len(data.get("options", {}).get("train_probabilities", [0.9, 0.8]))
-        overrides += ["data.options.clients_per_environment=1", f"data.num_clients={environments}"]
-    elif data.get("partition") in ("natural", "shards"):  # shards: 10 classes, 2 per client need ≥ 5 clients
+    if partition == "natural" and dataset.startswith("colored"):
+        environments = len(data.get("dataset", {}).get("train_probabilities", [0.9, 0.8]))
+        overrides += ["data.dataset.clients_per_environment=1", f"data.num_clients={environments}"]
+    elif partition in ("natural", "shards"):  # shards: 10 classes, 2 per client need ≥ 5 clients
         overrides += ["data.num_clients=5"]
     else:
         overrides += ["data.num_clients=4"]
@@ -49,8 +55,8 @@ def test_every_heterogeneity_config_is_here():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_runs(config, tmp_path):
-    raw = tomllib.loads(config.read_text())
-    if "fashion" in raw.get("data", {}).get("dataset", "fashion-mnist") and not FASHION.is_dir():
+    raw = upgrade_raw(tomllib.loads(config.read_text()))
+    if "fashion" in part(raw.get("data", {}), "dataset", "fashion-mnist") and not FASHION.is_dir():
         pytest.skip("Fashion-MNIST not installed")
     out = tmp_path / "run"
     args = ["run", str(config), "--quiet", "--out", str(out)]
@@ -63,7 +69,7 @@ def test_config_runs(config, tmp_path):
     for name in ("partition.json", "partition_heatmap.png", "client_sizes.png"):
         assert (out / name).is_file()
     domains = raw.get("data", {}).get("domains", {})
-    if domains.get("test") or raw["data"].get("dataset", "").startswith("colored"):
+    if domains.get("test") or part(raw["data"], "dataset", "").startswith("colored"):
         assert "ood_accuracy" in final and "ood_accuracy" in result.output
     if raw["data"].get("holdout_clients"):
         assert {"holdout_mean_accuracy", "holdout_worst10_accuracy"} <= set(final)
@@ -96,7 +102,7 @@ def test_colored_environments_report_the_reversed_environment(tmp_path):
     """Trained on colour-label agreement 0.9/0.8, the model leans on colour: reversed-colour accuracy drops."""
     config = load_config(ROOT / "configs/colored-fmnist.toml", [
         "rounds=3", "eval_every=3", "checkpoint_every=0", "threads=1", "server.aggregator=mean",
-        "data.num_clients=2", "data.options.clients_per_environment=1", "server.clients_per_round=2",
+        "data.num_clients=2", "data.dataset.clients_per_environment=1", "server.clients_per_round=2",
         "data.train_subset=4000", "data.test_subset=1000", "client.local_steps=20",
     ])
     final = run(config, tmp_path, progress=False)["final"]

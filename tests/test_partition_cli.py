@@ -75,8 +75,8 @@ def test_partition_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["partition", str(path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "'natural' needs a dataset with client ids" in result.output
-    result = CliRunner().invoke(main, ["partition", str(path), "--set", "data.options.nope=1"])
-    assert result.exit_code == 2 and "does not take option(s) nope" in result.output
+    result = CliRunner().invoke(main, ["partition", str(path), "--set", "data.dataset.nope=1"])
+    assert result.exit_code == 2 and "has no option 'nope'" in result.output
 
 
 def test_many_classes_use_summary_columns(tmp_path):

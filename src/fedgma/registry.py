@@ -147,7 +147,9 @@ AGGREGATORS: Registry[Any] = Registry(
 )
 SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer", "server.optimizer", ["fedgma.server_opt"])
 CLIENT_ALGORITHMS: Registry[Any] = Registry("client algorithm", "client.algorithm", ["fedgma.client"])
-PARTITIONERS: Registry[Any] = Registry("partitioner", "data.partition", ["fedgma.data.partition"])
-DATASETS: Registry[Any] = Registry("dataset", "data.dataset", ["fedgma.data.datasets"])
+PARTITIONERS: Registry[Any] = Registry("partitioner", "data.partition", ["fedgma.data.partitioners"])
+DATASETS: Registry[Any] = Registry("dataset", "data.dataset", [
+    "fedgma.data.idx", "fedgma.data.cifar", "fedgma.data.digits", "fedgma.data.colored", "fedgma.data.synthetic",
+    "fedgma.data.femnist", "fedgma.data.user_files"])
 BACKENDS: Registry[Any] = Registry("backend", "backend", ["fedgma.backends"])
 MODELS: Registry[Any] = Registry("model", "model", ["fedgma.models"])

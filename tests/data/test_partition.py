@@ -260,7 +260,7 @@ def test_bad_arguments(call, message):
 
 @pytest.mark.skipif(not (FASHION_DIR / "train-labels-idx1-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
 def test_dirichlet_1000_clients_fashion_mnist_is_fast():
-    from fedgma.data.datasets import read_idx
+    from fedgma.data.idx import read_idx
 
     labels = read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz").astype(np.int64)
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Data: loaders (``datasets``), partitioners (``partition``) and the federated view (``federated``)."""
+"""Data: loaders registered by name (``datasets`` and one module per loader), partitioners
+(``partition`` for the maths, ``partitioners`` for the registry) and the federated view (``federated``)."""
 
 from fedgma.data.arrays import ArrayDataset, DatasetSplits
 from fedgma.data.datasets import DatasetError, available_datasets, load_dataset
