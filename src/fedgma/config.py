@@ -50,7 +50,7 @@ from fedgma.registry import (
 
 __all__ = [
     "Config", "ConfigError", "Part", "apply_overrides", "config_to_toml", "load_config", "parse_config", "resolve",
-    "upgrade_raw",
+    "set_key", "upgrade_raw",
 ]
 
 
@@ -494,34 +494,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     a part: its options are kept when the name stays the same and reset to the part's defaults when
     it changes. Flat keys of the earlier shape (``server.threshold=0.2``) are upgraded.
     """
-    known = _known_keys(Config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. server.aggregator=mean")
         key, text = item.split("=", 1)
-        key = key.strip()
-        value = parse_value(text.strip())
-        part_key = next((p for p in PART_KEYS if key.startswith(p + ".")), None)
-        if key in PART_KEYS and isinstance(value, str):
-            table = _part_table(upgrade_raw(raw), key)
-            if table.get("name") != value:
-                table.clear()
-                table["name"] = value
-            continue
-        if part_key is not None:  # an option of a part, checked by the part when the config is parsed
-            _part_table(upgrade_raw(raw), part_key)[key[len(part_key) + 1:]] = value
-            continue
-        if key not in known and key not in _MOVED and not key.startswith("data.options."):
-            raise ConfigError(_unknown_key(tuple(key.split("."))))
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key {part!r} must be a table (section), got {node!r}")
-        node[leaf] = value
-        upgrade_raw(raw)
+        set_key(raw, key.strip(), parse_value(text.strip()))
     return raw
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set the dotted ``key`` of a raw config dict to ``value`` (see :func:`apply_overrides`); returns ``raw``.
+
+    Raises:
+        ConfigError: an unknown key (with did-you-mean), or a key below something that is not a table.
+    """
+    part_key = next((p for p in PART_KEYS if key.startswith(p + ".")), None)
+    if key in PART_KEYS and isinstance(value, str):
+        table = _part_table(upgrade_raw(raw), key)
+        if table.get("name") != value:
+            table.clear()
+            table["name"] = value
+        return raw
+    if part_key is not None:  # an option of a part, checked by the part when the config is parsed
+        _part_table(upgrade_raw(raw), part_key)[key[len(part_key) + 1:]] = value
+        return raw
+    if key not in _known_keys(Config) and key not in _MOVED and not key.startswith("data.options."):
+        raise ConfigError(_unknown_key(tuple(key.split("."))))
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {part!r} must be a table (section), got {node!r}")
+    node[leaf] = value
+    return upgrade_raw(raw)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

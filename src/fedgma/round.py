@@ -17,6 +17,7 @@ that would make the global model non-finite raises before anything is changed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,7 +150,7 @@ def run_round(
     try:
         for result in replies:
             steps += result.num_steps
-            problem = update_problem(result.update, policy.numel, policy.max_update_norm)
+            problem = update_problem(result.update, policy.numel, policy.max_update_norm) or _count_problem(result)
             if problem is not None:
                 dropped[result.client_id] = _reject(problem, result.client_id, round_index, policy)
                 continue
@@ -177,6 +178,14 @@ def run_round(
     state.round = round_index
     state.total_steps += steps
     return state, RoundOutcome(True, update, accepted, dropped, stats, algorithm_stats, steps)
+
+
+def _count_problem(result: ClientResult) -> str | None:
+    """What is wrong with a reply's sample count (its aggregation weight), or None."""
+    n = result.num_samples
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        return f"sent a sample count of {n!r}, expected a finite number > 0"
+    return None
 
 
 def _reject(problem: str, client_id: int, round_index: int, policy: ReplyPolicy) -> str:

@@ -86,11 +86,11 @@ def test_run_config_becomes_a_resolved_config_and_unsupported_settings_are_refus
          "run-dir": "/tmp/x", "algorithm": "fedadam"}
     )
     assert (config.rounds, config.data.num_clients, own["run-dir"], own["round-timeout"]) == (4, 5, "/tmp/x", 600.0)
-    assert config.server.lr == 0.01  # the fedadam recipe's default, filled by resolve
+    assert config.server.optimizer.lr == 0.01  # the fedadam recipe's default, filled by resolve
     with pytest.raises(ConfigError, match="unknown config key 'data.datasett'"):
         config_from_run_config({"data.datasett": "digits"})
     with pytest.raises(ConfigError, match="scaffold"):
-        check_supported(config.model_copy(update={"algorithm": "scaffold"}))
+        check_supported(config_from_run_config({"data.dataset": "digits", "algorithm": "scaffold"})[0])
 
 
 def test_client_app_trains_exactly_like_train_client(config_path):

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fedgma.algorithms import RECIPES, make_server_optimizer_for
-from fedgma.client import mean_train_loss, train_client
-from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve
+from fedgma.client import ClientResult, mean_train_loss, train_client
+from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve, set_key
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
-from fedgma.flower.strategy import GMAMixin, ReplyAggregator, StreamingGrid
+from fedgma.flower.strategy import GMAMixin, InvalidReplyError, StreamingGrid
 from fedgma.models import FlatModel, build_model
+from fedgma.round import run_round
 from fedgma.seeding import torch_generator
 from fedgma.simulation import evaluate, local_settings, sample_clients
 
@@ -80,13 +82,11 @@ PARTITION_KEY = "partition-id"
 
 def check_supported(config: Config) -> None:
     """Raise ConfigError for what the Flower engine does not (yet) run."""
-    if RECIPES[config.algorithm].client == "scaffold":
+    if config.client.algorithm.name == "scaffold":
         raise ConfigError("config key 'algorithm': scaffold keeps client state and is not supported by --engine flower")
     faults = getattr(config, "faults", None)
     if faults is not None and any(v for k, v in faults.model_dump().items() if k != "scale_factor"):
         raise ConfigError("config section [faults] (simulated faults) is not supported by --engine flower")
-    if getattr(config.server, "clip_norm", None) is not None:
-        raise ConfigError("config key 'server.clip_norm' is not supported by --engine flower")
 
 
 def build_data(config: Config) -> FederatedDataset:
@@ -139,11 +139,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, dict[str
         if key in own:
             own[key] = value
             continue
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_key(raw, key, value)
     return resolve(parse_config(raw)), own
 
 
@@ -234,31 +230,107 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 class FedGMA(GMAMixin, FedAvg):
-    """The fedgma recipe of a config as a Flower strategy: fedgma's client sampling, GMA, server optimizer.
+    """A fedgma config as a Flower strategy: fedgma's client sampling, and fedgma's own round.
 
     ``configure_train`` sends the clients :func:`fedgma.simulation.sample_clients` draws for the
     round to the nodes holding those partitions (nodes that have gone are skipped, and the round
-    goes on with the rest if at least ``server.min_clients`` reply); ``aggregate_train`` folds the
-    replies into the configured aggregator (GMAMixin) and steps with the recipe's server optimizer.
+    goes on with the rest if at least ``server.min_clients`` reply); ``aggregate_train`` turns each
+    reply into a client update and hands them to :func:`fedgma.round.run_round`, the function the
+    simulator calls: the same reply checks (``server.max_update_norm``, ``server.on_bad_update``),
+    the configured ``[server.aggregator]`` with its options (behind ``server.clip_norm``), the
+    configured ``[server.optimizer]``, on the same :class:`fedgma.round.ServerState`.
     """
 
     def __init__(self, config: Config, model: FlatModel, connect_timeout: float = 120.0, **kwargs: Any) -> None:
+        from fedgma import simulation
+
         server = config.server
         super().__init__(
-            aggregator=server.aggregator, threshold=server.threshold, hard=server.hard,
-            weighted_agreement=server.weighted_agreement,
-            on_invalid=getattr(server, "on_bad_update", "fail"), min_replies=getattr(server, "min_clients", 1),
+            aggregator=server.aggregator.name, threshold=0.4, aggregator_options=server.aggregator.options,
+            on_invalid=server.on_bad_update, min_replies=server.min_clients,
             fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1, **kwargs,
         )
         self.config = config
         self.model = model
         self.config_toml = config_to_toml(config)
-        self.server_optimizer = make_server_optimizer_for(config.algorithm, server)
+        self.state = simulation.build_state(config, model, config.data.num_clients)
+        self.new_aggregator = simulation.aggregator_factory(config, model)
+        self.policy = simulation.reply_policy(config, model)
         self.connect_timeout = connect_timeout
         self.node_of_client: dict[int, int] | None = None
         self.last_update_norm = 0.0
         self.sampled: list[int] = []
         self.unreachable: list[int] = []  # sampled clients whose node was gone when the round was configured
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, then run fedgma's round on the valid ones; None when the round is skipped."""
+        if self._global_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train: the global model is unknown")
+        self.state.params = record_to_params(self._global_arrays, self.model)
+        self.last_round = {"round": server_round, "dropped": [], "lost": [], "metrics": [], "stats": {}}
+        metrics_of: dict[int, MetricRecord] = {}
+        node_of: dict[int, str] = {}
+        results = self._client_results(server_round, replies, metrics_of, node_of)
+        self.state, outcome = run_round(self.state, server_round, results, self.new_aggregator, self.policy)
+        if self._stream is not None:  # after the replies are consumed: the messages the timeout cut off
+            self.last_round["lost"].extend(
+                (str(node), "no reply before the round's timeout") for node in self._stream.unanswered
+            )
+        self.last_round["dropped"].extend((node_of.get(c, str(c)), why) for c, why in outcome.dropped.items())
+        self.last_round["metrics"] = [metrics_of[r.client_id] for r in outcome.accepted]
+        if not outcome.committed:
+            return None, None
+        self.last_round["stats"] = {k: v for k, v in outcome.stats.items() if not isinstance(v, torch.Tensor)}
+        self.last_update_norm = float(outcome.update.norm())
+        metrics = MetricRecord({
+            "train_loss": mean_train_loss(outcome.accepted),
+            "num-examples": int(sum(r.num_samples for r in outcome.accepted)),
+            **{f"gma-{k.replace('_', '-')}": v for k, v in outcome.stats.items()
+               if isinstance(v, (int, float)) and "/" not in k},
+        })
+        return params_to_record(self.model, self.state.params), metrics
+
+    def _client_results(self, server_round: int, replies: Iterable[Message], metrics_of: dict[int, MetricRecord],
+                        node_of: dict[int, str]) -> Iterator[ClientResult]:
+        """Each reply as a :class:`ClientResult` (Δ = reply − global), or dropped/lost with its node named."""
+        sampled = set(self.sampled)
+        for message in replies:
+            node = str(message.metadata.src_node_id)
+            if message.has_error():
+                log(WARNING, "fedgma: no reply from node %s (going on without it): %s", node, message.error.reason)
+                self.last_round["lost"].append((node, message.error.reason))
+                continue
+            try:
+                result, metrics = self._parse_reply(message, sampled)
+            except (KeyError, TypeError, ValueError) as error:
+                reason = str(error) or type(error).__name__
+                if self.on_invalid == "fail":
+                    raise InvalidReplyError(f"round {server_round}: reply from node {node}: {reason}") from None
+                log(WARNING, "fedgma: round %d: dropping the reply from node %s: %s", server_round, node, reason)
+                self.last_round["dropped"].append((node, reason))
+                continue
+            metrics_of[result.client_id] = metrics
+            node_of[result.client_id] = node
+            yield result
+
+    def _parse_reply(self, message: Message, sampled: set[int]) -> tuple[ClientResult, MetricRecord]:
+        content = message.content
+        metrics = content["metrics"]
+        client_id = _integer(metrics, "client-id")
+        if client_id not in sampled:
+            raise ValueError(f"client-id {client_id} was not sampled this round")
+        num_samples = _number(metrics, "num-examples")
+        if not num_samples > 0:
+            raise ValueError(f"num-examples must be > 0, got {num_samples}")
+        num_steps = _integer(metrics, "num-steps")
+        if num_steps < 0:
+            raise ValueError(f"num-steps must be ≥ 0, got {num_steps}")
+        train_loss = _number(metrics, "train_loss")
+        params = record_to_params(content["arrays"], self.model)
+        result = ClientResult(client_id, params - self.state.params, num_samples, num_steps, train_loss)
+        return result, metrics
 
     def _discover(self, grid: Grid) -> dict[int, int]:
         """Which node holds which client: wait for the nodes, then ask each (a Flower "query" message)."""
@@ -329,18 +401,18 @@ class FedGMA(GMAMixin, FedAvg):
                 return client_id
         return node
 
-    def _server_step(self, server_round: int, aggregated: dict[str, np.ndarray], fold: ReplyAggregator) -> ArrayRecord:
-        """θ ← server_optimizer.step(θ, −u) on the flat vector, as fedgma.simulation.run does."""
-        layers = self.model.layers
-        params = torch.cat([fold.reference[layer.name] for layer in layers])
-        update = torch.cat([fold.updates[layer.name] for layer in layers])
-        params = self.server_optimizer.step(params, -update)
-        if not bool(torch.isfinite(params).all()):
-            raise FloatingPointError(
-                f"round {server_round}: the global model became non-finite; lower client.lr or server.lr"
-            )
-        self.last_update_norm = float(update.norm())
-        return params_to_record(self.model, params)
+def _number(metrics: MetricRecord, key: str) -> float:
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(metrics: MetricRecord, key: str) -> int:
+    value = _number(metrics, key)
+    if value != int(value):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return int(value)
 
 
 def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool = False,

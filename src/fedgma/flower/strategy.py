@@ -399,7 +399,9 @@ class GMAMixin:
 
     * ``aggregator``: a fedgma aggregation rule, ``"gma"`` (default) or ``"mean"`` (plain averaging
       with the same validation), or any rule registered with ``fedgma.aggregation.register_aggregator``;
-    * ``threshold`` (τ, default 0.4), ``hard`` (AND-mask), ``weighted_agreement``: GMA's options;
+    * ``threshold`` (τ, default 0.4), ``hard`` (AND-mask), ``weighted_agreement``: GMA's options
+      (used only with ``aggregator = "gma"``); ``aggregator_options``: any rule's own options
+      (e.g. ``{"trim_fraction": 0.2}`` for ``trimmed_mean``), checked by the rule;
     * ``on_invalid``: ``"drop"`` (default) a bad reply with a warning naming its node, or ``"fail"``;
     * ``min_replies``: fewest valid replies a round needs (default 1); with fewer, the round leaves
       the global model unchanged and says so. Lost replies (a node that vanished mid-round, a
@@ -420,6 +422,7 @@ class GMAMixin:
         threshold: float = 0.4,
         hard: bool = False,
         weighted_agreement: bool = False,
+        aggregator_options: dict[str, Any] | None = None,
         on_invalid: str = "drop",
         min_replies: int = 1,
         pull_interval: float = 0.1,
@@ -432,9 +435,11 @@ class GMAMixin:
         if min_replies < 1:
             raise ValueError(f"min_replies must be ≥ 1, got {min_replies}")
         _check_pull_intervals(pull_interval, max_pull_interval)
-        make_aggregator(aggregator, threshold=threshold, hard=hard)  # fail now on a bad name or threshold
+        gma_options = {"threshold": threshold, "hard": hard, "weighted_agreement": weighted_agreement}
+        options = {**(gma_options if aggregator == "gma" else {}), **(aggregator_options or {})}
+        make_aggregator(aggregator, **options)  # fail now on a bad name or option
         self.gma_rule = aggregator
-        self.gma_options = {"threshold": threshold, "hard": hard, "weighted_agreement": weighted_agreement}
+        self.gma_options = options
         self.on_invalid = on_invalid
         self.min_replies = min_replies
         self.pull_interval = pull_interval
