@@ -28,11 +28,11 @@ tune() {
     sgd=$(echo "$ALGOS" | tr , '\n' | grep -v '^fedadam$' | paste -sd, -)
     if [ -n "$sgd" ]; then
         $FEDGMA sweep "$BASE" --set seed=100 --seeds 1 --jobs "$JOBS" --out "$OUT/tune" \
-            --grid algorithm="$sgd" --grid server.aggregator=mean,gma --grid server.lr=0.25,0.5,1,2
+            --grid algorithm="$sgd" --grid server.aggregator=mean,gma --grid server.optimizer.lr=0.25,0.5,1,2
     fi
     if [[ ",$ALGOS," == *,fedadam,* ]]; then
         $FEDGMA sweep "$BASE" --set seed=100 --seeds 1 --jobs "$JOBS" --out "$OUT/tune" \
-            --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.003,0.01,0.03
+            --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.optimizer.lr=0.003,0.01,0.03
     fi
 }
 
@@ -49,26 +49,26 @@ setting() {
 synthetic() {
     local config=configs/paper/synthetic.toml
     $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
-        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.lr=0.25,0.5,1,2
+        --grid algorithm=fedavg,fedprox,scaffold --grid server.aggregator=mean,gma --grid server.optimizer.lr=0.25,0.5,1,2
     $FEDGMA sweep "$config" --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/synthetic" \
-        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.lr=0.003,0.01,0.03
+        --grid algorithm=fedadam --grid server.aggregator=mean,gma --grid server.optimizer.lr=0.003,0.01,0.03
 }
 
 run_stage() {
     case "$1" in
         tune) tune ;;
-        dir0.1) setting dir0.1 "$BASE" --set data.partition=dirichlet --set data.alpha=0.1 ;;
-        dir0.5) setting dir0.5 "$BASE" --set data.partition=dirichlet --set data.alpha=0.5 ;;
-        dir1.0) setting dir1.0 "$BASE" --set data.partition=dirichlet --set data.alpha=1.0 ;;
+        dir0.1) setting dir0.1 "$BASE" --set data.partition=dirichlet --set data.partition.alpha=0.1 ;;
+        dir0.5) setting dir0.5 "$BASE" --set data.partition=dirichlet --set data.partition.alpha=0.5 ;;
+        dir1.0) setting dir1.0 "$BASE" --set data.partition=dirichlet --set data.partition.alpha=1.0 ;;
         iid) setting iid "$BASE" --set data.partition=iid ;;
-        quantity) setting quantity "$BASE" --set data.partition=quantity --set data.beta=0.5 ;;
+        quantity) setting quantity "$BASE" --set data.partition=quantity --set data.partition.beta=0.5 ;;
         cmixed) setting cmixed configs/paper/colored_mixed.toml ;;
         colored) setting colored configs/paper/colored.toml ;;
         rotated) setting rotated configs/paper/rotated.toml ;;
         synthetic) synthetic ;;
         tau)  # FedAvg+GMA's threshold τ at Dirichlet(0.1); τ = 0 is exactly the mean (at GMA's server lr)
-            $FEDGMA sweep "$BASE" --set algorithm=fedavg --set server.aggregator=gma --set data.alpha=0.1 \
-                --grid server.threshold=$TAUS --seeds "$SEEDS" --jobs "$JOBS" --server-lr-from "$OUT/tune" \
+            $FEDGMA sweep "$BASE" --set algorithm=fedavg --set server.aggregator=gma --set data.partition.alpha=0.1 \
+                --grid server.aggregator.threshold=$TAUS --seeds "$SEEDS" --jobs "$JOBS" --server-lr-from "$OUT/tune" \
                 --out "$OUT/tau" ;;
         report) $FEDGMA report "$OUT" --out "${REPORT_OUT:-$OUT/report}" ;;
         *) echo "unknown stage $1 (tune dir0.1 cmixed rotated tau iid colored dir0.5 dir1.0 quantity synthetic report)" >&2
