@@ -35,11 +35,18 @@ TINY = [
 
 def fake_run(folder: Path, *, algorithm: str = "fedavg", aggregator: str = "mean", seed: int = 0, lr: float = 1.0,
              threshold: float = 0.4, curve: list[float], validation: float | None = None,
-             ood: float | None = None) -> Path:
-    """A run folder written by hand: test accuracy ``curve`` at rounds 10, 20, ...; summary from it."""
+             ood: float | None = None, shape: str = "flat") -> Path:
+    """A run folder written by hand: test accuracy ``curve`` at rounds 10, 20, ...; summary from it.
+
+    ``shape`` is the config.toml's: "flat" (written before the per-part tables) or "parts"."""
     folder.mkdir(parents=True)
     config = {"name": "fake", "seed": seed, "algorithm": algorithm,
               "server": {"aggregator": aggregator, "lr": lr, "threshold": threshold}, "data": {"alpha": 0.1}}
+    if shape == "parts":
+        table = {"name": aggregator, **({"threshold": threshold} if aggregator == "gma" else {})}
+        config = {"name": "fake", "seed": seed, "algorithm": algorithm,
+                  "server": {"aggregator": table, "optimizer": {"name": "sgd", "lr": lr}},
+                  "data": {"partition": {"name": "dirichlet", "alpha": 0.1}}}
     (folder / "config.toml").write_text(tomli_w.dumps(config))
     metrics = []
     for i, accuracy in enumerate(curve, 1):
@@ -106,6 +113,25 @@ def test_table_matches_the_run_folders(real_runs: Path, tmp_path: Path) -> None:
                  "plots/gains.png"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "plots" / "curves_dir.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_folders_of_either_config_shape_report_the_same(tmp_path: Path) -> None:
+    for shape in ("flat", "parts"):
+        for seed in (0, 1):
+            fake_run(tmp_path / shape / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.5, 0.6 + seed / 100],
+                     threshold=0.7, ood=0.25, shape=shape)  # a τ plain averaging never used: dropped
+            fake_run(tmp_path / shape / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, threshold=0.3,
+                     curve=[0.5, 0.64 + seed / 50], ood=0.3, shape=shape)
+    flat, parts = (make_groups(find_runs(tmp_path / shape)) for shape in ("flat", "parts"))
+    assert table_rows(flat) == table_rows(parts)
+    assert gain_rows(flat) == gain_rows(parts)
+    (gain,) = gain_rows(parts)
+    assert (gain["threshold"], gain["lr_mean"], gain["lr_gma"]) == (0.3, 1.0, 1.0)
+    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx([0.04, 0.05])
+    run = find_runs(tmp_path / "flat")[0]
+    assert run.config["server"]["optimizer"] == {"lr": 1.0} and run.config["data"]["partition"]["alpha"] == 0.1
+    assert select_server_lr(tmp_path / "flat", metric="test_accuracy") == select_server_lr(
+        tmp_path / "parts", metric="test_accuracy")
 
 
 def test_same_folder_names_in_different_settings_are_not_mixed(tmp_path: Path) -> None:
