@@ -4,7 +4,7 @@ Usage::
 
     python examples/flower-app/deploy_loopback.py WORKDIR [--no-kill]
 
-Makes the certificates and node keys under WORKDIR (fedgma.flower.loopback), starts the SuperLink
+Makes the certificates and node keys under WORKDIR (loopback.py, beside this file), starts the SuperLink
 and three SuperNodes (partition-id 0, 1, 2), runs this app for 4 rounds of FedAvg + GMA on digits
 with ``server.min_clients = 2``, SIGKILLs SuperNode 2 once it has started its ClientApp on round
 2's train message, and prints each round's aggregated / lost / unreachable clients and the test
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedgma.flower.loopback import LoopbackDeployment
+from loopback import LoopbackDeployment  # beside this file (the script's folder is on sys.path)
 
 ROUND_2_AT_NODE_2 = re.compile(r"ROUND 2\][^\n]*\n[^\n]*Receiving: train message.*?Start `flwr-clientapp` process",
                                re.S)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -32,12 +33,14 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # noqa: E402
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message  # noqa: E402
 
 from fedgma.flower import GMAFedAvg, InvalidReplyError  # noqa: E402
-from fedgma.flower.loopback import LoopbackDeployment, write_node_key  # noqa: E402
 from fedgma.flower.strategy import StreamingGrid  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
+sys.path.insert(0, str(APP))  # the deployment helper is the example's loopback.py
+from loopback import LoopbackDeployment, write_node_key  # noqa: E402
+
 SHAPES = {"fc.weight": (3, 2), "fc.bias": (3,)}
 
 

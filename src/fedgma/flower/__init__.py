@@ -11,9 +11,9 @@ install. What is here:
   ``GMAFedAdagrad``, and ``with_gma(AnyFedAvgSubclass)``.
 * :mod:`fedgma.flower.app`: the ``server_app`` / ``client_app`` pair that runs a fedgma experiment
   config (datasets, partitions, models) on Flower, and ``run_flower`` behind ``fedgma run --engine flower``.
-* :mod:`fedgma.flower.loopback`: a SuperLink and SuperNodes on 127.0.0.1 with generated TLS
-  certificates and node keys (node authentication on), for trying a deployment on one machine and
-  for the deployment test.
+
+A SuperLink and SuperNodes on 127.0.0.1 with generated TLS certificates and node keys, for trying a
+deployment on one machine and for the deployment test, are in ``examples/flower-app/loopback.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """A Flower deployment on one machine: a SuperLink and N SuperNodes on 127.0.0.1, TLS and node auth on.
 
-For trying the deployment commands of docs/FLOWER.md on a laptop, and for the deployment test
-(``tests/flower/test_deployment.py``). Everything is made under one directory: a CA and a server
+For trying the deployment commands of docs/FLOWER.md on a laptop (``deploy_loopback.py`` beside
+this file), and for the deployment test (``tests/flower/test_deployment.py``, which imports it from
+this folder). It is an example's helper, not part of the fedgma package.
+
+Everything is made under one directory: a CA and a server
 certificate for 127.0.0.1 (:func:`write_tls_files`), one EC P-384 key pair per SuperNode in OpenSSH
 format, as ``flwr supernode register`` wants them (:func:`write_node_key`), the SuperLink's database,
 a Flower home (``FLWR_HOME``, with a ``config.toml`` naming the SuperLink ``loopback``) and one log
