@@ -8,7 +8,11 @@ Runs, each as its own ``fedgma run`` subprocess (so the figures are those a user
    ``ru_maxrss`` of that child), the mean time of a round (``round_s`` of ``rounds.jsonl``), the mean
    time of a checkpoint (the simulator's ``checkpoint_s`` in ``summary.json`` over the number of
    checkpoints written), the size of one checkpoint file and of the spill files.
-2. ``configs/quickstart.toml`` with ``checkpoint_every = 1``: the checkpoint time against its round time,
+2. With ``--compare-anonymous R``: R rounds with the named store and R rounds with the store forced to
+   ``spill_dir=None`` (the anonymous temporary file of before, whose checkpoint materialises every
+   control variate), both at the smallest ``--memory-mb``: the ratio of their peak RSS and checkpoint
+   times. Keep R small (10): the anonymous store's checkpoint holds all variates, several times over.
+3. ``configs/quickstart.toml`` with ``checkpoint_every = 1``: the checkpoint time against its round time,
    and the smallest ``checkpoint_every`` that keeps checkpointing under 10% of the round time.
 
 Not a test: it prints figures measured in one run. Usage::
@@ -44,10 +48,25 @@ def _fedgma() -> list[str]:
     return [found]
 
 
-def run_cli(args: list[str]) -> tuple[float, int]:
+# ``fedgma`` with every ControlVariateStore built without a spill_dir: the behaviour before the named store
+_ANONYMOUS = """
+import sys
+import fedgma.control_store as store
+init = store.ControlVariateStore.__init__
+def anonymous(self, *args, spill_dir=None, **kwargs):
+    init(self, *args, **kwargs)
+store.ControlVariateStore.__init__ = anonymous
+from fedgma.cli import main
+sys.argv[0] = "fedgma"
+main()
+"""
+
+
+def run_cli(args: list[str], anonymous: bool = False) -> tuple[float, int]:
     """Run ``fedgma <args>`` to completion; its wall time (s) and peak RSS (bytes, the child and its children)."""
     start = time.perf_counter()
-    process = subprocess.Popen(_fedgma() + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-c", _ANONYMOUS] if anonymous else _fedgma()
+    process = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout is not None
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -63,13 +82,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
-def measure(config: Path, out: Path, overrides: list[str]) -> dict[str, float]:
+def measure(config: Path, out: Path, overrides: list[str], anonymous: bool = False) -> dict[str, float]:
     """One run of ``config`` into ``out``; its timing and memory figures."""
     shutil.rmtree(out, ignore_errors=True)
     args = ["run", str(config), "--out", str(out), "--quiet"]
     for override in overrides:
         args += ["--set", override]
-    wall, peak = run_cli(args)
+    wall, peak = run_cli(args, anonymous)
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     config_text = (out / "config.toml").read_text()
@@ -97,6 +116,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--per-round", type=int, default=100)
+    parser.add_argument("--compare-anonymous", type=int, default=0, metavar="R",
+                        help="also R rounds with the named and with the anonymous store (default: 0, off)")
     parser.add_argument("--skip-quickstart", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="folder for the run folders (default: a temp dir)")
     args = parser.parse_args()
@@ -118,6 +139,28 @@ def main() -> None:
               f"{figures['wall_s']:>6.0f}s {figures['final_accuracy']:>6.4f}", flush=True)
         print("  " + json.dumps(figures), flush=True)
         shutil.rmtree(work / f"scaffold-{memory_mb}mb", ignore_errors=True)  # gigabytes of spill files
+
+    if args.compare_anonymous:
+        memory_mb = min(args.memory_mb)
+        print(f"\n{args.compare_anonymous} rounds, memory_mb={memory_mb}: the named store against the anonymous one "
+              "(spill_dir=None, whose checkpoint materialises every control variate)")
+        pair = {}
+        for anonymous in (False, True):
+            name = "anonymous" if anonymous else "named"
+            pair[name] = measure(ROOT / "configs" / "bench-scaffold-10k.toml", work / f"compare-{name}", [
+                f"rounds={args.compare_anonymous}", f"data.num_clients={args.clients}",
+                f"server.clients_per_round={args.per_round}", f"client.algorithm.memory_mb={memory_mb}",
+            ], anonymous=anonymous)
+            figures = pair[name]
+            print(f"{name:>9}: peak RSS {figures['peak_rss_bytes'] / GB:.2f} GB, round {figures['round_s']:.3f} s, "
+                  f"checkpoint {figures['checkpoint_s']:.3f} s, checkpoint file "
+                  f"{figures['checkpoint_file_bytes'] / 2**20:.1f} MB, accuracy {figures['final_accuracy']:.4f}",
+                  flush=True)
+            shutil.rmtree(work / f"compare-{name}", ignore_errors=True)
+        named, anonymous_figures = pair["named"], pair["anonymous"]
+        print(f"anonymous / named: peak RSS {anonymous_figures['peak_rss_bytes'] / named['peak_rss_bytes']:.2f}x, "
+              f"checkpoint time {anonymous_figures['checkpoint_s'] / named['checkpoint_s']:.1f}x, checkpoint file "
+              f"{anonymous_figures['checkpoint_file_bytes'] / named['checkpoint_file_bytes']:.0f}x")
 
     if not args.skip_quickstart:
         figures = measure(ROOT / "configs" / "quickstart.toml", work / "quickstart", ["checkpoint_every=1"])
