@@ -50,7 +50,7 @@ def krum_scores(updates: Sequence[Tensor], num_byzantine: int) -> Tensor:
     """
     n = len(updates)
     neighbours = n - num_byzantine - 2
-    if neighbours < 1:
+    if n <= 2 * num_byzantine + 2:
         raise ValueError(f"cannot aggregate: krum needs more than 2·num_byzantine + 2 = {2 * num_byzantine + 2} "
                          f"updates (num_byzantine = {num_byzantine}), got {n}")
     distances = torch.zeros(n, n, dtype=torch.float64)
