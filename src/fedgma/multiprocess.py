@@ -77,7 +77,6 @@ class MultiprocessBackend:
         workers: int | None = None,
         threads: int = 1,
         start_method: str | None = None,
-        **_: Any,
     ) -> None:
         workers = workers or os.cpu_count() or 1
         if workers < 1:

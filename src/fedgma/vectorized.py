@@ -1,28 +1,22 @@
-"""Vectorized local training: many sampled clients trained at once as one batched computation.
+"""Vectorized local training: many sampled clients trained at once with ``torch.func.vmap``.
 
-The per-step work of one client on a small model (an MLP step on 32 examples) is small; training C
-clients at once turns C small products into one batched product and pays the per-step framework
-overhead (Python, autograd, kernel launches) once instead of C times.
+The per-step work of one client on a small model is small; on a GPU, training C clients at once
+turns C small kernels into one batched kernel and pays the per-step launch overhead once instead of
+C times. The batched gradient is ``vmap(grad_and_value(loss))`` over ``functional_call`` of the
+model with each parameter stacked over the clients (``[C, *shape]``): no hand-written batched
+forward pass, so any model ``functional_call`` can run works, and the local step is the one of
+:func:`fedgma.client.train_client` (weight decay, FedProx, SCAFFOLD, momentum) applied to the stacks.
 
-How it works. Each parameter tensor of the model is stacked over the C clients (``[C, *shape]``).
-For ``nn.Sequential`` models made of Linear / Conv2d / ReLU / MaxPool2d / Flatten (the MLP, CNN and
-logistic regression of :mod:`fedgma.models`) the forward pass is written batched by hand: a Linear
-layer is one ``baddbmm`` over the client axis, a Conv2d layer one grouped convolution with
-``groups = C``; any other model falls back to ``torch.func.vmap`` over ``functional_call``. One
-backward pass of the sum of the clients' losses gives every client's gradient.
+On a CPU this is no faster than the sequential backend (docs/PERFORMANCE.md): the batched products
+cost about the same per client as separate ones, so use ``multiprocess`` there.
 
 Every client replays exactly the batches of :func:`fedgma.client.batch_schedule` (same seeds as the
 sequential backend). Clients are sorted by their number of local steps, longest first, so at step t
 the clients still training are a *prefix* of the stacks: finished clients drop out of the
-computation (no work is spent on them, nothing needs masking). A short batch is padded to the batch
-width and the padding gets per-sample weight 0, the real samples weight 1/len(batch), so each
-client's weighted loss is the batch mean of the sequential backend and its gradient is the same.
-
-The SGD step matches :func:`fedgma.client.train_client` on the whole stack: weight decay,
-FedProx's μ (w − w_global), SCAFFOLD's correction c − c_i, heavy-ball momentum with
-``torch.optim.SGD`` semantics. Updates agree with the sequential backend to float tolerance (the
-batched kernels sum in another order) and are deterministic: there is no randomness beyond the
-per-client batch schedules.
+computation. A short batch is padded to the batch width and the padding gets per-sample weight 0,
+the real samples weight 1/len(batch), so each client's weighted loss is the batch mean of the
+sequential backend and its gradient is the same up to float rounding (batched kernels sum in
+another order). Deterministic: no randomness beyond the per-client batch schedules.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedgma.client import ClientAlgorithm, ClientResult, LocalSGD, batch_schedule
@@ -40,89 +34,21 @@ from fedgma.data.federated import FederatedDataset
 from fedgma.models import FlatModel
 from fedgma.seeding import torch_generator
 
-__all__ = ["VectorizedBackend", "supports_hand_batching", "train_clients_vectorized"]
+__all__ = ["VectorizedBackend", "make_loss_grad", "train_clients_vectorized"]
 
 # (stacked params of the active clients, x [n, B, ...], y [n, B], w [n, B]) -> (grads, losses [n])
 LossGrad = Callable[[list[Tensor], Tensor, Tensor, Tensor], tuple[list[Tensor], Tensor]]
 
-_SIMPLE_LAYERS = (nn.Flatten, nn.Linear, nn.ReLU, nn.Conv2d, nn.MaxPool2d)
 
+def make_loss_grad(model: FlatModel) -> LossGrad:
+    """The batched gradient of ``model``'s weighted cross-entropy: ``vmap(grad_and_value(functional_call))``.
 
-def supports_hand_batching(module: nn.Module) -> bool:
-    """Whether ``module`` is a Sequential of layers the hand-batched forward pass knows."""
-    if not isinstance(module, nn.Sequential):
-        return False
-    for layer in module:
-        if not isinstance(layer, _SIMPLE_LAYERS):
-            return False
-        if isinstance(layer, nn.Flatten) and (layer.start_dim != 1 or layer.end_dim != -1):
-            return False
-        if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-            return False
-    return True
-
-
-def _batched_forward(module: nn.Sequential, params: list[Tensor], x: Tensor) -> Tensor:
-    """Forward pass of n clients at once: ``x`` [n, B, ...] → logits [n, B, classes].
-
-    Dense activations are laid out [n, B, features]; image activations [B, n·channels, H, W] so a
-    convolution of all clients is one grouped convolution and ReLU / max-pool act per channel.
+    The returned function takes the stacked parameters of n clients (each ``[n, *shape]``), inputs
+    ``x`` ``[n, B, ...]``, labels ``y`` ``[n, B]`` (int64) and per-sample weights ``w`` ``[n, B]``, and
+    returns each parameter's gradient (``[n, *shape]``) and the n weighted losses.
     """
-    n, batch = x.shape[:2]
-    h, grouped = x, False
-    it = iter(params)
+    module, names = model.module, [layer.name for layer in model.layers]
 
-    def to_dense(h: Tensor, grouped: bool) -> Tensor:
-        return h.reshape(batch, n, -1).transpose(0, 1) if grouped else h.reshape(n, batch, -1)
-
-    for layer in module:
-        if isinstance(layer, nn.Flatten):
-            h, grouped = to_dense(h, grouped), False
-        elif isinstance(layer, nn.Linear):
-            weight = next(it)
-            bias = next(it) if layer.bias is not None else None
-            h, grouped = to_dense(h, grouped), False
-            if bias is None:
-                h = torch.bmm(h, weight.transpose(1, 2))
-            else:
-                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-        elif isinstance(layer, nn.Conv2d):
-            weight = next(it)
-            bias = next(it) if layer.bias is not None else None
-            if not grouped:
-                h = h.transpose(0, 1).reshape(batch, n * h.shape[2], *h.shape[3:])
-                grouped = True
-            h = F.conv2d(
-                h,
-                weight.reshape(-1, *weight.shape[2:]),
-                None if bias is None else bias.reshape(-1),
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                n * layer.groups,
-            )
-        elif isinstance(layer, nn.ReLU):
-            h = torch.relu(h)
-        elif isinstance(layer, nn.MaxPool2d):
-            h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
-    return to_dense(h, grouped) if grouped else h
-
-
-def _hand_batched_loss_grad(module: nn.Sequential) -> LossGrad:
-    def loss_grad(params: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> tuple[list[Tensor], Tensor]:
-        leaves = [p.detach().requires_grad_() for p in params]
-        with torch.enable_grad():
-            logits = _batched_forward(module, leaves, x)
-            n, batch, classes = logits.shape
-            per_sample = F.cross_entropy(logits.reshape(n * batch, classes), y.reshape(-1), reduction="none")
-            losses = (per_sample.view(n, batch) * w).sum(1)
-            grads = torch.autograd.grad(losses.sum(), leaves)
-        return list(grads), losses.detach()
-
-    return loss_grad
-
-
-def _vmap_loss_grad(module: nn.Module, names: list[str]) -> LossGrad:
     def loss(tensors: list[Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         logits = functional_call(module, dict(zip(names, tensors, strict=True)), (x,))
         return (F.cross_entropy(logits, y, reduction="none") * w).sum()
@@ -134,18 +60,6 @@ def _vmap_loss_grad(module: nn.Module, names: list[str]) -> LossGrad:
         return list(grads), losses.detach()
 
     return loss_grad
-
-
-def make_loss_grad(model: FlatModel, method: str = "auto") -> LossGrad:
-    """The batched gradient function of ``model``: ``"hand"`` (Sequential models), ``"vmap"``, or ``"auto"``."""
-    if method not in ("auto", "hand", "vmap"):
-        raise ValueError(f"backend option method must be 'auto', 'hand' or 'vmap', got {method!r}")
-    hand_ok = supports_hand_batching(model.module)
-    if method == "hand" and not hand_ok:
-        raise ValueError("backend option method='hand' needs a Sequential of Linear/Conv2d/ReLU/MaxPool2d/Flatten")
-    if method == "hand" or (method == "auto" and hand_ok):
-        return _hand_batched_loss_grad(model.module)  # type: ignore[arg-type]
-    return _vmap_loss_grad(model.module, [layer.name for layer in model.layers])
 
 
 class _Plan:
@@ -239,8 +153,7 @@ class VectorizedBackend:
 
     Same results as :class:`~fedgma.backends.SequentialBackend` to float tolerance for plain local
     SGD, FedProx, SCAFFOLD, momentum and weight decay. Memory: a few ``[group, d]`` stacks plus the
-    group's data; lower ``max_clients`` for large models. ``method`` picks the batched gradient:
-    ``"auto"`` (hand-batched for Sequential MLP/CNN/logreg, else vmap), ``"hand"`` or ``"vmap"``.
+    group's data; lower ``max_clients`` for large models.
     """
 
     def __init__(
@@ -250,14 +163,12 @@ class VectorizedBackend:
         settings: LocalSGD,
         seed: int,
         max_clients: int | None = None,
-        method: str = "auto",
-        **_: Any,
     ) -> None:
         if max_clients is not None and max_clients < 1:
             raise ValueError(f"backend option max_clients must be ≥ 1, got {max_clients}")
         self.model, self.data, self.settings, self.seed = model, data, settings, seed
         self.max_clients = max_clients
-        self._loss_grad = make_loss_grad(model, method)
+        self._loss_grad = make_loss_grad(model)
 
     def train(
         self, params: Tensor, client_ids: Sequence[int], round_index: int, algorithm: ClientAlgorithm
