@@ -101,18 +101,9 @@ def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) 
 
 
 def _part(data: Any, key: str) -> tuple[str, dict[str, Any]]:
-    """(name, options) of ``data.dataset`` or ``data.partition``: a table with ``.name`` and ``.options``."""
+    """(name, options) of ``data.dataset`` or ``data.partition``: a config table with ``.name`` and ``.options``."""
     part = getattr(data, key)
-    if isinstance(part, str):  # the earlier flat shape (a bare name, options elsewhere)
-        return part, _flat_options(data, key, part)
     return part.name, dict(part.options)
-
-
-def _flat_options(data: Any, key: str, name: str) -> dict[str, Any]:
-    """Options of a part given in the earlier flat shape (``data.options``, ``data.alpha``, ...)."""
-    if key == "dataset":
-        return dict(getattr(data, "options", None) or {})
-    return {option: getattr(data, option) for option in PARTITIONERS.option_names(name) if hasattr(data, option)}
 
 
 def _load(name: str, options: dict[str, Any], data: Any, total_clients: int) -> DatasetSplits:
