@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedgma import fastgrad
 from fedgma.client import LocalSGD, batch_schedule, train_client
 from fedgma.data.arrays import ArrayDataset
 from fedgma.fastgrad import MLPGradient, mlp_layers
@@ -143,3 +144,53 @@ def test_a_parameter_without_gradient_gets_zeros():
     layer = {layer.name: layer for layer in model.layers}["unused.weight"]
     assert torch.equal(model.grads[layer.start : layer.start + layer.numel], torch.zeros(layer.numel))
     model.check_views()
+
+
+# --------------------------------------------------------------------------------------------
+# The guards around the private ATen operators
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("2.13.0+cpu", True), ("2.4.1", True), ("2.3.1", False), ("2.14.0", False), ("3.0.0", False), ("dev", False)],
+)
+def test_the_fast_path_is_used_only_on_tested_torch_versions(version, expected):
+    assert fastgrad.available(version) is expected
+
+
+def test_the_fast_path_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FEDGMA_FASTGRAD", "0")
+    assert not fastgrad.available()
+    assert not FlatModel(_model("mlp", (1, 6, 6), 5)).fast_backward
+
+
+def test_a_missing_private_operator_falls_back_to_autograd(monkeypatch):
+    monkeypatch.setattr(fastgrad, "_PRIVATE_OPS", (*fastgrad._PRIVATE_OPS, "no_such_operator"))
+    assert not fastgrad.available()
+    assert not FlatModel(_model("mlp", (1, 6, 6), 5)).fast_backward
+
+
+def test_a_fast_gradient_that_differs_from_autograd_is_dropped_on_the_first_step(monkeypatch, caplog):
+    """If a torch version computed other bits, the first step's check catches it and the client's update
+    is autograd's, bit for bit."""
+    generator = torch.Generator().manual_seed(1)
+    data = ArrayDataset(torch.randn(40, 1, 6, 6, generator=generator), torch.randint(0, 5, (40,), generator=generator))
+    settings = LocalSGD(batch_size=8, lr=0.05)
+    start = FlatModel(_model("mlp", (1, 6, 6), 5)).params.clone()
+    reference = train_client(FlatModel(_model("mlp", (1, 6, 6), 5), fast_backward=False), start, data, settings,
+                             torch.Generator().manual_seed(7))
+    original = MLPGradient.loss_and_backward
+
+    def off_by_a_bit(self, x, y):
+        loss = original(self, x, y)
+        self.linears[0].bias.grad.mul_(1 + 2**-20)
+        return loss
+
+    monkeypatch.setattr(MLPGradient, "loss_and_backward", off_by_a_bit)
+    model = FlatModel(_model("mlp", (1, 6, 6), 5))
+    assert model.fast_backward
+    result = train_client(model, start, data, settings, torch.Generator().manual_seed(7))
+    assert not model.fast_backward
+    assert "differs from autograd" in caplog.text
+    assert torch.equal(result.update, reference.update) and result.train_loss == reference.train_loss

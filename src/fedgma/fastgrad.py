@@ -7,20 +7,51 @@ core. An MLP (``Flatten``, then ``Linear`` layers with ``ReLU`` between them, as
 them directly: the ATen functions autograd's formulas call for ``addmm``, ``relu``, ``log_softmax``
 and ``nll_loss``, with the same operand layouts, so the loss and every gradient are bit-identical to
 ``F.cross_entropy(module(x), y).backward()`` (tests/test_fastgrad.py checks it).
+
+Three private ATen operators are called (``nll_loss_forward``/``nll_loss_backward``,
+``_log_softmax_backward_data``, ``threshold_backward``), so the fast path is guarded: it is used only
+on the torch versions it was tested with (:data:`TESTED_TORCH`) when those operators exist
+(:func:`available`), and :class:`~fedgma.models.FlatModel` checks its first gradient against autograd
+bit for bit, falling back to autograd for good if they differ. ``FEDGMA_FASTGRAD=0`` turns it off.
+Either way the numbers are the same; only the speed differs (about 30% of an MLP step, see
+docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLPGradient", "mlp_layers"]
+__all__ = ["TESTED_TORCH", "MLPGradient", "available", "mlp_layers"]
+
+TESTED_TORCH = ((2, 4), (2, 14))  # [lowest, highest): the versions the bit-identity tests ran on
+_PRIVATE_OPS = ("nll_loss_forward", "nll_loss_backward", "_log_softmax_backward_data", "threshold_backward")
 
 _aten = torch.ops.aten
 _IGNORE_INDEX = -100  # F.cross_entropy's default
 _MEAN = 1  # torch's Reduction::Mean
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def available(torch_version: str | None = None) -> bool:
+    """Whether the fast gradient may be used: ``FEDGMA_FASTGRAD`` is not 0, this torch (or
+    ``torch_version``) lies in :data:`TESTED_TORCH`, and the private operators it calls exist."""
+    if os.environ.get("FEDGMA_FASTGRAD", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    try:
+        version = _version(torch_version or torch.__version__)
+    except ValueError:
+        return False
+    if not (TESTED_TORCH[0] <= version < TESTED_TORCH[1]):
+        return False
+    return all(hasattr(_aten, name) for name in _PRIVATE_OPS)
 
 
 def mlp_layers(module: nn.Module) -> list[nn.Linear] | None:

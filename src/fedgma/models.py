@@ -8,6 +8,7 @@ one flat parameter vector.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedgma import fastgrad
 from fedgma.aggregation import Layer
-from fedgma.fastgrad import MLPGradient, mlp_layers
 
 __all__ = ["FlatModel", "available_models", "build_model", "init_parameters"]
+
+log = logging.getLogger(__name__)
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (200, 200)) -> nn.Module:
@@ -133,9 +136,14 @@ class FlatModel:
     Loading a global model is one copy into ``params``; a local SGD step and the client update
     Δ = θ_local − θ_global are a few whole-vector operations, with no per-layer Python loops.
     Gradients accumulate in place into ``grads`` (as DDP's gradient-as-bucket-view does).
+
+    ``fast_backward``: compute MLP gradients without autograd (:mod:`fedgma.fastgrad`, same bits)
+    where :func:`fedgma.fastgrad.available` says so (None, the default) or never (False).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device | str = "cpu", fast_backward: bool = True) -> None:
+    def __init__(
+        self, module: nn.Module, device: torch.device | str = "cpu", fast_backward: bool | None = None
+    ) -> None:
         module.to(device)
         if any(b.is_floating_point() for b in module.buffers()):
             raise ValueError("models with floating-point buffers (e.g. BatchNorm) are not supported; use GroupNorm")
@@ -157,8 +165,10 @@ class FlatModel:
             p.grad = self.grads[view].view_as(p)
         self._parameters = parameters
         self._grad_views = [p.grad for p in parameters]
-        linears = mlp_layers(module) if fast_backward else None
-        self._fast_gradient = MLPGradient(linears) if linears is not None else None
+        use_fast = fastgrad.available() if fast_backward is None else fast_backward and fastgrad.available()
+        linears = fastgrad.mlp_layers(module) if use_fast else None
+        self._fast_gradient = fastgrad.MLPGradient(linears) if linears is not None else None
+        self._fast_checked = False
 
     @property
     def fast_backward(self) -> bool:
@@ -173,8 +183,26 @@ class FlatModel:
         are written into the flat vector as ``g + 0``, which is ``0 + g`` exactly (also for -0.0).
         """
         if self._fast_gradient is not None:
+            if not self._fast_checked:
+                return self._check_fast_gradient(x, y)
             self.grads.zero_()
             return self._fast_gradient.loss_and_backward(x, y)
+        return self._autograd_loss_and_backward(x, y)
+
+    def _check_fast_gradient(self, x: Tensor, y: Tensor) -> Tensor:
+        """First step: the fast gradient must equal autograd's bit for bit, else autograd from now on."""
+        self._fast_checked = True
+        loss = self._autograd_loss_and_backward(x, y)
+        expected = self.grads.clone()
+        self.grads.zero_()
+        fast_loss = self._fast_gradient.loss_and_backward(x, y)  # type: ignore[union-attr]
+        if not (torch.equal(fast_loss, loss) and torch.equal(self.grads, expected)):
+            log.warning("fedgma.fastgrad differs from autograd on torch %s; using autograd", torch.__version__)
+            self._fast_gradient = None
+            self.grads.copy_(expected)
+        return loss
+
+    def _autograd_loss_and_backward(self, x: Tensor, y: Tensor) -> Tensor:
         for p in self._parameters:
             p.grad = None
         loss = F.cross_entropy(self.module(x), y)
