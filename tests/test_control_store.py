@@ -360,3 +360,69 @@ def test_store_memory_does_not_grow_with_the_population_or_checkpoints(tmp_path)
     peak_mb, spilled = (int(v) for v in re.findall(r"\d+", done.stdout.strip().splitlines()[-1]))
     assert spilled > 1900
     assert peak_mb < 700, f"peak RSS {peak_mb} MB"
+
+
+# -- through the simulator -----------------------------------------------------------------------------------
+
+_DIGITS = [
+    "data.dataset=digits", "data.partition=dirichlet", "data.alpha=0.5", "data.num_clients=12", "data.min_size=5",
+    "server.clients_per_round=4", "client.batch_size=32", "client.lr=0.05", "eval_every=2", "threads=1",
+    "algorithm=scaffold", "rounds=6",
+]
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("memory_mb", "at_round", "before_saving"), [(0, 4, True), (0, 3, False), (1, 5, True)])
+def test_a_spilling_scaffold_run_killed_between_commit_and_checkpoint_resumes_exactly(
+        tmp_path, monkeypatch, memory_mb, at_round, before_saving) -> None:
+    """Round ``at_round`` has written its c_i to the spill file when the run dies (before or after its checkpoint):
+    the resumed run's logs and final model equal an uninterrupted run's, and the checkpoints hold no variates."""
+    import json
+
+    import fedgma.simulation as simulation
+    from fedgma.config import load_config
+
+    config = load_config(None, [*_DIGITS, f"client.algorithm.memory_mb={memory_mb}"])
+    simulation.run(config, tmp_path / "straight", progress=False)
+    save = simulation.save_checkpoint
+
+    def dying_save(run_dir, round_index, state, *args, **kwargs):
+        if round_index == at_round and before_saving:
+            raise _Crash
+        path = save(run_dir, round_index, state, *args, **kwargs)
+        if round_index == at_round:
+            raise _Crash
+        return path
+
+    with monkeypatch.context() as patch:
+        patch.setattr(simulation, "save_checkpoint", dying_save)
+        with pytest.raises(_Crash):
+            simulation.run(config, tmp_path / "resumed", progress=False)
+    assert (tmp_path / "resumed" / "controls" / "controls.bin").stat().st_size > 4096
+    simulation.run(config, tmp_path / "resumed", progress=False, resume=True)
+
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "rounds.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "round_s"} for line in lines]
+
+    assert logged("straight") == logged("resumed")
+    final = [torch.load(tmp_path / run / "final_model.pt")["params"] for run in ("straight", "resumed")]
+    assert torch.equal(final[0], final[1])
+    checkpoint = load_checkpoint(sorted((tmp_path / "resumed" / "checkpoints").glob("round-*.pt"))[-1])
+    stores = [v for v in _walk(checkpoint) if isinstance(v, dict) and v.get("format") == 2]
+    assert len(stores) == 1 and stores[0]["in_memory"].sum() <= (memory_mb << 20) // (4 * stores[0]["numel"])
+    assert not any(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.numel() == stores[0]["numel"]
+                   for v in _walk(stores[0]))
+
+
+def _walk(value):
+    yield value
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _walk(item)
