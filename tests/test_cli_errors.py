@@ -33,7 +33,7 @@ def invoke(*args):
         (["--set", "server.agregator=mean"], "unknown config key 'server.agregator' (did you mean 'server.aggr"),
         (["--set", "faults.nans=0.2"], "unknown config key 'faults.nans' (did you mean 'faults.nan'?)"),
         (["--set", "server.on_bad_update=skip"], "config key 'server.on_bad_update': Input should be 'fail' or 'drop'"),
-        (["--set", "server.aggregator=medain"], "'medain' is not one of"),
+        (["--set", "server.aggregator=medain"], "unknown aggregator 'medain' (did you mean 'median'?)"),
         (["--set", "faults.crash=2"], "config key 'faults.crash'"),
         (["--set", "checkpoint_every=-1"], "config key 'checkpoint_every'"),
         (["--set", "rounds"], "must look like key=value"),

@@ -93,7 +93,7 @@ def test_run_sweep_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Pa
 
 
 def test_divergence_is_recorded_and_counts_as_finished(tmp_path: Path) -> None:
-    plan = plan_sweep(PAPER, [], 1, tmp_path, [*TINY, "server.aggregator=mean", "server.lr=1e30"])
+    plan = plan_sweep(PAPER, [], 1, tmp_path, [*TINY, "server.aggregator=mean", "server.optimizer.lr=1e6", "client.lr=10"])
     done: list[object] = []
     run_sweep(plan, on_done=lambda run, summary: done.append(summary))
     record = json.loads((plan[0].run_dir / DIVERGED).read_text())
@@ -142,5 +142,5 @@ def test_cli_sweep_reports_a_bad_grid_in_one_line(tmp_path: Path) -> None:
 def test_a_finished_run_of_another_config_is_not_reused(tmp_path: Path) -> None:
     run_sweep(plan_sweep(PAPER, [parse_grid("server.aggregator=mean")], 1, tmp_path, [*TINY, "server.lr=1"]))
     changed = plan_sweep(PAPER, [parse_grid("server.aggregator=mean")], 1, tmp_path, [*TINY, "server.lr=2"])
-    with pytest.raises(ConfigError, match="server.lr = 1.0 there, 2.0 planned"):
+    with pytest.raises(ConfigError, match="server.optimizer.lr = 1.0 there, 2.0 planned"):
         run_sweep(changed)

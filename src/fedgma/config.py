@@ -85,48 +85,21 @@ class Part(BaseModel):
         return dict(self.model_extra or {})
 
 
-# Parts whose registries are filled by modules that are being moved onto fedgma.registry: until
-# they register, their names and options are checked against these lists.
-_LEGACY_OPTIONS: dict[str, dict[str, list[str]]] = {
-    "partitioner": {
-        "iid": [], "dirichlet": ["alpha", "min_size"], "shards": ["classes_per_client"],
-        "quantity": ["beta", "sigma", "min_size"], "quantity-label": ["alpha", "beta", "sigma", "min_size"],
-        "natural": [],
-    },
-    "backend": {"sequential": [], "vectorized": ["max_clients"], "multiprocess": ["workers", "threads"]},
-}
-
-
 def _part_names(registry: Registry[Any]) -> list[str]:
-    return registry.names() or sorted(_LEGACY_OPTIONS.get(registry.kind, {}))
+    return registry.names()
 
 
 def _option_names(registry: Registry[Any], name: str) -> list[str]:
     """The options ``name`` takes."""
-    if registry.names():
-        return registry.option_names(name)
-    return _LEGACY_OPTIONS[registry.kind][name]
+    return registry.option_names(name)
 
 
 def _validate_part(registry: Registry[Any], part: Part | None, fill: bool = False) -> Part | None:
     """Check ``part`` against its registry; with ``fill``, return it with every default filled in."""
     if part is None or part.name is None:
         return part
-    if registry.names():
-        validated = registry.validate(part.name, part.options)
-        return Part(name=part.name, **validated.model_dump(exclude_none=True)) if fill else part
-    names = _part_names(registry)
-    if part.name not in names:
-        raise ValueError(f"unknown {registry.kind} {part.name!r}{did_you_mean(part.name, names)}; "
-                         f"available: {', '.join(names)}")
-    allowed = _option_names(registry, part.name)
-    if allowed is not None:
-        for option in part.options:
-            if option not in allowed:
-                takes = ", ".join(allowed) if allowed else "no options"
-                raise ValueError(f"{registry.kind} {part.name!r} has no option {option!r}"
-                                 f"{did_you_mean(option, allowed)}; it takes: {takes}")
-    return part
+    validated = registry.validate(part.name, part.options)
+    return Part(name=part.name, **validated.model_dump(exclude_none=True)) if fill else part
 
 
 def _part_validator(registry: Registry[Any]) -> Any:
