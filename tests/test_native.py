@@ -1,4 +1,5 @@
-"""The compiled aggregation kernel: same bits as the PyTorch path, and a clean fallback without it."""
+"""The opt-in compiled aggregation kernel (FEDGMA_NATIVE=1): same bits as the PyTorch path, a clean fallback
+without it, and off by default."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import torch
 from fedgma import native
 from fedgma.aggregation import GMAAggregator, MeanAggregator, gma, mean
 
-needs_kernel = pytest.mark.skipif(native.fold_kernel() is None, reason=f"no compiled kernel: {native.native_status()}")
+with native.enabled():
+    needs_kernel = pytest.mark.skipif(native.fold_kernel() is None,
+                                      reason=f"no compiled kernel: {native.native_status()}")
+
+
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch):
+    """Every test here runs with the kernel opted in (FEDGMA_NATIVE=1) unless it says otherwise."""
+    monkeypatch.setenv("FEDGMA_NATIVE", "1")
 
 
 @pytest.fixture
@@ -99,11 +108,16 @@ def test_a_compiler_error_falls_back_with_the_reason(fresh_native, monkeypatch, 
     assert "unavailable" in fresh_native.native_status()
 
 
-@pytest.mark.parametrize("value", ["0", "off", "false"])
-def test_fedgma_native_0_disables_the_kernel(fresh_native, monkeypatch, value):
-    monkeypatch.setenv("FEDGMA_NATIVE", value)
+@pytest.mark.parametrize("value", ["0", "off", "false", "", None])
+def test_the_kernel_is_off_unless_opted_in(fresh_native, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("FEDGMA_NATIVE")
+    else:
+        monkeypatch.setenv("FEDGMA_NATIVE", value)
     assert fresh_native.fold_kernel() is None
-    assert "FEDGMA_NATIVE=0" in fresh_native.native_status()
+    assert "opt in with FEDGMA_NATIVE=1" in fresh_native.native_status()
+    with fresh_native.enabled():
+        assert fresh_native.fold_kernel() is not None or "unavailable" in fresh_native.native_status()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

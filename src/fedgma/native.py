@@ -1,4 +1,9 @@
-"""The optional compiled kernel behind aggregation: one fused pass over memory for K updates.
+"""An opt-in compiled kernel behind aggregation: one fused pass over memory for K updates.
+
+Off unless ``FEDGMA_NATIVE=1``. Measured by its effect on whole rounds (docs/PERFORMANCE.md,
+``benchmarks/round_effects.py``), it saves about 1% of a simulator round (client training dominates
+there) but a large share of a server round that aggregates many replies of a large model (a Flower
+server with 100 replies of 10^7 parameters), which is where to turn it on.
 
 Folding an update into GMA's two running sums takes three PyTorch operations per chunk (weighted
 add, sign, sign add), each a separate pass with its own dispatch cost; ``native_fold.c`` does them
@@ -8,7 +13,7 @@ to the memory-bandwidth floor (docs/PERFORMANCE.md). It gives the same bits as t
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``), into a cache
 folder (``$FEDGMA_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedgma``, else ``~/.cache/fedgma``), and loaded
 with ctypes, which releases the GIL during the call so the aggregation threads run in parallel.
-Without a compiler, or with ``FEDGMA_NATIVE=0``, :func:`fold_kernel` returns None and aggregation
+Without ``FEDGMA_NATIVE=1``, or without a compiler, :func:`fold_kernel` returns None and aggregation
 uses PyTorch alone: slower, same numbers.
 """
 
@@ -29,7 +34,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["FoldKernel", "cache_dir", "disabled", "fold_kernel", "native_status"]
+__all__ = ["FoldKernel", "cache_dir", "disabled", "enabled", "fold_kernel", "native_status"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ _KERNEL: FoldKernel | None = None
 _TRIED = False
 _STATUS = "not loaded yet"
 _FORCED_OFF = False
+_FORCED_ON = False
+_OFF = "off (opt in with FEDGMA_NATIVE=1); PyTorch path"
 
 
 class FoldKernel:
@@ -77,10 +84,29 @@ def cache_dir() -> Path:
     return Path(base) / "fedgma"
 
 
+def _wanted() -> bool:
+    if _FORCED_OFF:
+        return False
+    return _FORCED_ON or os.environ.get("FEDGMA_NATIVE", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def native_status() -> str:
     """One line saying whether the compiled kernel is in use, and why not if it is not."""
+    if not _wanted():
+        return _OFF
     fold_kernel()
     return _STATUS
+
+
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """Within the block aggregation uses the kernel where it can be built, as with ``FEDGMA_NATIVE=1``."""
+    global _FORCED_ON
+    previous, _FORCED_ON = _FORCED_ON, True
+    try:
+        yield
+    finally:
+        _FORCED_ON = previous
 
 
 @contextlib.contextmanager
@@ -95,25 +121,22 @@ def disabled() -> Iterator[None]:
 
 
 def fold_kernel() -> FoldKernel | None:
-    """The compiled fold kernel, built and loaded on first call; None where it cannot be."""
+    """The compiled fold kernel if opted in, built and loaded on first call; None where it is off or cannot be."""
     global _KERNEL, _TRIED, _STATUS
-    if _FORCED_OFF:
+    if not _wanted():
         return None
     if _TRIED:
         return _KERNEL
     with _LOCK:
         if _TRIED:
             return _KERNEL
-        if os.environ.get("FEDGMA_NATIVE", "1").strip().lower() in {"0", "false", "no", "off"}:
-            _STATUS = "disabled by FEDGMA_NATIVE=0 (PyTorch path)"
-        else:
-            try:
-                path = _build()
-                _KERNEL = FoldKernel(ctypes.CDLL(str(path)), path)
-                _STATUS = f"compiled kernel {path}"
-            except (OSError, subprocess.SubprocessError, RuntimeError) as error:
-                _STATUS = f"unavailable ({error}); PyTorch path"
-                log.info("fedgma: compiled aggregation kernel %s", _STATUS)
+        try:
+            path = _build()
+            _KERNEL = FoldKernel(ctypes.CDLL(str(path)), path)
+            _STATUS = f"compiled kernel {path}"
+        except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+            _STATUS = f"unavailable ({error}); PyTorch path"
+            log.warning("fedgma: compiled aggregation kernel %s", _STATUS)
         _TRIED = True
         return _KERNEL
 
