@@ -5,6 +5,8 @@ The properties every rule shares (order, weights, bad input, options) are in tes
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedgma.aggregation import available_aggregators, make_aggregator, mean
+from fedgma.config import load_config
 from fedgma.krum import KrumAggregator, krum, krum_scores
+from fedgma.simulation import run
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -161,3 +165,15 @@ def test_updates_are_copied_so_a_reused_buffer_does_not_change_the_result():
     buffer.fill_(1e6)
     expected = krum([torch.tensor(p, dtype=torch.float32) for p in POINTS[:3]], num_byzantine=0)
     assert torch.equal(aggregator.result()[0], expected)
+
+
+def test_a_run_with_multi_krum_learns_digits_and_logs_the_selection(tmp_path):
+    config = load_config(None, [
+        "data.dataset=digits", "data.partition=iid", "data.num_clients=10", "model.name=mlp",
+        "server.clients_per_round=6", "client.batch_size=16", "client.lr=0.05", "rounds=8", "eval_every=4",
+        "server.aggregator=krum", "server.aggregator.num_byzantine=1", "server.aggregator.num_selected=3",
+    ])
+    summary = run(config, tmp_path, progress=False)
+    assert summary["final"]["test_accuracy"] > summary["initial"]["test_accuracy"] + 0.25
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert all(len(r["selected"]) == 3 and set(r["selected"]) <= set(range(6)) for r in rounds)
