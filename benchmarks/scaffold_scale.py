@@ -119,11 +119,14 @@ def main() -> None:
     parser.add_argument("--compare-anonymous", type=int, default=0, metavar="R",
                         help="also R rounds with the named and with the anonymous store (default: 0, off)")
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--skip-scaffold", action="store_true", help="only the quickstart part")
     parser.add_argument("--work", type=Path, default=None, help="folder for the run folders (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fedgma-scaffold-scale-"))
     work.mkdir(parents=True, exist_ok=True)
 
+    if args.skip_scaffold:
+        args.memory_mb, args.compare_anonymous = [], 0
     print(f"SCAFFOLD, MLP, Fashion-MNIST IID: {args.clients} clients, {args.per_round} per round, "
           f"{args.rounds} rounds, a checkpoint every round (run folders in {work})")
     print(f"{'memory_mb':>9} {'peak RSS':>9} {'round':>8} {'ckpt':>8} {'ckpt/round':>10} {'ckpt file':>10} "
