@@ -62,8 +62,13 @@ def _variants_of(name: str) -> list[dict]:
 
 
 def _dyadic(draw, k: int, d: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[float]]:
-    """k updates with entries in {-64/8, ..., 64/8} and integer weights in [1, 50]: every sum is exact."""
-    values = draw(st.lists(st.lists(st.integers(-64, 64), min_size=d, max_size=d), min_size=k, max_size=k))
+    """k updates with entries in {-64/8, ..., 64/8} and integer weights in [1, 50]: every sum is exact.
+
+    Half the time the entries come from {-2/8, ..., 2/8} only, so equal updates and ties (equal
+    order statistics, equal Krum scores) are common.
+    """
+    spread = draw(st.sampled_from([2, 64]), label="spread")
+    values = draw(st.lists(st.lists(st.integers(-spread, spread), min_size=d, max_size=d), min_size=k, max_size=k))
     weights = draw(st.lists(st.integers(1, 50), min_size=k, max_size=k))
     return [torch.tensor(v, dtype=dtype) / 8 for v in values], [float(w) for w in weights]
 
