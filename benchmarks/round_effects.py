@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parts, raw = args.parts.split(","), {}
     print(f"round_effects: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; medians of "
           f"{args.repeats} interleaved repeats; ratios within this run")
-    for model in args.models.split(","):
+    for model in args.models.split(",") if {"sim", "plain"} & set(parts) else []:
         rounds = args.rounds if model == "mlp" else args.cnn_rounds
         modes = list(SIM_MODES) if model == "mlp" else CNN_MODES
         sims: dict[str, list[dict]] = {m: [] for m in modes} if "sim" in parts else {}
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
                     run_plain(model, which, threads, rounds))
         raw[model] = {"sim": sims, "plain": plains}
         plain_best = {w: min(statistics.median(r["s_per_step"] for r in runs)
-                             for name, runs in plains.items() if f", {w}," in name) for w in ("ours", "shared")}
+                             for name, runs in plains.items() if f", {w}," in name) for w in ("ours", "shared")
+                      if plains}
         rows = []
         reference = None
         for mode, runs in sims.items():
