@@ -343,9 +343,13 @@ def _part_table(raw: dict[str, Any], dotted: str) -> dict[str, Any]:
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {part!r} must be a table (section), got {node!r}")
     value = node.get(leaf)
     if isinstance(value, str) or value is None:
         node[leaf] = {} if value is None else {"name": value}
+    elif not isinstance(value, dict):
+        raise ConfigError(f"config key {dotted!r} must be a part's name or a table of name and options, got {value!r}")
     return node[leaf]
 
 

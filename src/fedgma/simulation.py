@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -269,6 +270,7 @@ def run(
     summary["checkpoint_s"] = checkpoint_s  # time spent writing checkpoints (this process only, if resumed)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save({"round": config.rounds, "params": state.params.cpu()}, run_dir / "final_model.pt")
+    shutil.rmtree(run_dir / "controls", ignore_errors=True)  # finished: no checkpoint will be resumed
     return summary
 
 
@@ -284,6 +286,7 @@ def _clear_run(run_dir: Path) -> None:
     for _, path in list_checkpoints(run_dir):
         path.unlink()
     (run_dir / "summary.json").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "controls", ignore_errors=True)  # SCAFFOLD's spilled c_i of an earlier run
     for name in ("metrics.jsonl", "rounds.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
 
