@@ -83,7 +83,7 @@ def test_training_never_writes_into_the_global_vector():
 
 
 def test_batch_schedule_covers_each_sample_once_per_epoch():
-    batches = batch_schedule(10, LocalSGD(epochs=3, batch_size=4), torch.Generator().manual_seed(0))
+    batches = list(batch_schedule(10, LocalSGD(epochs=3, batch_size=4), torch.Generator().manual_seed(0)))
     assert [len(b) for b in batches] == [4, 4, 2] * 3
     for epoch in range(3):
         assert sorted(torch.cat(batches[3 * epoch : 3 * epoch + 3]).tolist()) == list(range(10))
@@ -163,3 +163,42 @@ def test_scaffold_aborted_round_leaves_every_control_variate_bit_identical():
         after = algorithm.state_dict()["store"]["values"]
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         assert torch.equal(algorithm.server_control, control)
+
+
+def _eager_schedule(num_samples: int, settings: LocalSGD, generator: torch.Generator) -> list[torch.Tensor]:
+    """The schedule as the eager implementation built it (every batch up front), for comparison."""
+    batches: list[torch.Tensor] = []
+    epoch = 0
+    while True:
+        for batch in torch.randperm(num_samples, generator=generator).split(settings.batch_size):
+            batches.append(batch)
+            if settings.steps is not None and len(batches) == settings.steps:
+                return batches
+        epoch += 1
+        if settings.steps is None and epoch == settings.epochs:
+            return batches
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 33])
+@pytest.mark.parametrize("settings", [LocalSGD(epochs=1, batch_size=8), LocalSGD(epochs=3, batch_size=4),
+                                      LocalSGD(steps=5, batch_size=8), LocalSGD(steps=13, batch_size=3)])
+def test_lazy_batch_schedule_gives_the_eager_batches_bit_for_bit_on_every_pass(num_samples, settings):
+    schedule = batch_schedule(num_samples, settings, torch.Generator().manual_seed(3))
+    eager = _eager_schedule(num_samples, settings, torch.Generator().manual_seed(3))
+    for _ in range(2):  # a second pass replays the same batches (the vectorized backend iterates twice)
+        lazy = list(schedule)
+        assert len(lazy) == len(eager) == len(schedule)
+        assert all(torch.equal(a, b) for a, b in zip(lazy, eager, strict=True))
+
+
+def test_batch_schedule_of_a_hundred_million_epochs_is_made_without_building_it():
+    """Memory must not depend on the number of epochs: only the first batches are ever materialised."""
+    schedule = batch_schedule(10, LocalSGD(epochs=100_000_000, batch_size=4), torch.Generator().manual_seed(0))
+    assert len(schedule) == 300_000_000
+    first = [batch for _, batch in zip(range(3), schedule, strict=False)]
+    assert sorted(torch.cat(first).tolist()) == list(range(10))
+
+
+def test_batch_schedule_refuses_an_empty_client():
+    with pytest.raises(ValueError, match="no samples"):
+        batch_schedule(0, LocalSGD(), torch.Generator())

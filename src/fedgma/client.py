@@ -15,7 +15,7 @@ The batch order of a client in a round comes from ``batch_schedule`` with a gene
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,7 @@ __all__ = [
     "LocalSGD",
     "PlainClient",
     "ScaffoldClient",
+    "BatchSchedule",
     "batch_schedule",
     "make_client_algorithm",
     "train_client",
@@ -84,24 +85,51 @@ class ClientResult:
     control_delta: Tensor | None = None
 
 
-def batch_schedule(num_samples: int, settings: LocalSGD, generator: torch.Generator) -> list[Tensor]:
+class BatchSchedule:
+    """The index batches of one client's local training, made lazily: O(num_samples) memory at most.
+
+    Iterating yields int64 index tensors (each of ``batch_size`` indices into the client's records,
+    the last of an epoch possibly shorter), one epoch's permutation at a time, so memory does not
+    depend on the number of epochs or steps. Every iteration replays the same batches: the
+    generator's state is copied when the schedule is made (the caller's generator is not advanced).
+    ``len()`` is the number of local steps, ``settings.num_steps(num_samples)``.
+    """
+
+    def __init__(self, num_samples: int, settings: LocalSGD, generator: torch.Generator) -> None:
+        if num_samples < 1:
+            raise ValueError("a client with no samples cannot train")
+        self.num_samples = num_samples
+        self.batch_size = settings.batch_size
+        self.steps = settings.num_steps(num_samples)
+        self._device = generator.device
+        self._state = generator.get_state()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Tensor]:
+        generator = torch.Generator(device=self._device)
+        generator.set_state(self._state)
+        left = self.steps
+        while left > 0:
+            order = torch.randperm(self.num_samples, generator=generator)
+            for batch in order.split(self.batch_size):
+                yield batch
+                left -= 1
+                if left == 0:
+                    return
+
+
+def batch_schedule(num_samples: int, settings: LocalSGD, generator: torch.Generator) -> BatchSchedule:
     """Index batches of one client's local training: reshuffle each epoch, keep the last short batch.
 
-    With ``settings.steps`` set, epochs repeat until exactly that many steps are scheduled.
+    With ``settings.steps`` set, epochs repeat until exactly that many steps are scheduled. Returns a
+    lazy :class:`BatchSchedule` (``len()`` and repeatable iteration; memory independent of epochs/steps).
+
+    Raises:
+        ValueError: ``num_samples`` < 1.
     """
-    if num_samples < 1:
-        raise ValueError("a client with no samples cannot train")
-    batches: list[Tensor] = []
-    epoch = 0
-    while True:
-        order = torch.randperm(num_samples, generator=generator)
-        for batch in order.split(settings.batch_size):
-            batches.append(batch)
-            if settings.steps is not None and len(batches) == settings.steps:
-                return batches
-        epoch += 1
-        if settings.steps is None and epoch == settings.epochs:
-            return batches
+    return BatchSchedule(num_samples, settings, generator)
 
 
 def train_client(
