@@ -104,7 +104,7 @@ def test_resuming_with_another_config_is_refused(tmp_path):
         run(load_config(None, [*DIGITS, "rounds=2", "client.lr=0.1"]), tmp_path, progress=False, resume=True)
 
 
-def test_a_fresh_run_clears_old_checkpoints(tmp_path):
+def test_a_fresh_run_with_overwrite_clears_old_checkpoints(tmp_path):
     run(load_config(None, [*DIGITS, "rounds=3"]), tmp_path, progress=False)
-    run(load_config(None, [*DIGITS, "rounds=1"]), tmp_path, progress=False)
+    run(load_config(None, [*DIGITS, "rounds=1"]), tmp_path, progress=False, overwrite=True)
     assert [r for r, _ in list_checkpoints(tmp_path)] == [1]

@@ -10,16 +10,25 @@ the previous good one with a warning. The newest ``keep`` checkpoints are kept.
 
 :func:`truncate_jsonl` cuts a run's ``metrics.jsonl`` / ``rounds.jsonl`` back to the checkpointed round
 (dropping a half-written last line), so the resumed run appends exactly what the killed one would have.
+
+The run folder's own files follow the same rules: :func:`atomic_write` (temp file, fsync, rename)
+writes ``final_model.pt`` and then ``summary.json``, the summary last as the mark of a finished run;
+:func:`final_files_problem` says whether both are whole; :func:`read_json` names the file it cannot
+parse; :func:`lock_folder` holds an advisory lock (``fcntl.flock``) on a run or sweep folder for a
+writer's life, so a second writer is refused in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +36,18 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "FolderInUseError",
+    "RunFolderError",
+    "atomic_write",
     "checkpoint_dir",
+    "config_differences",
+    "final_files_problem",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_final_model",
+    "lock_folder",
+    "read_json",
     "save_checkpoint",
     "truncate_jsonl",
 ]
@@ -42,6 +59,14 @@ _NAME = re.compile(r"^round-(\d{6,})\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt or belongs to another config; the message names the file."""
+
+
+class RunFolderError(ValueError):
+    """A file of a run folder (``summary.json``, ``final_model.pt``, a log) is unreadable; the message names it."""
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds the folder's lock (a run or sweep writing there); the message names the folder."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -77,13 +102,7 @@ def save_checkpoint(run_dir: str | Path, round_index: int, state: dict[str, Any]
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
     path = folder / f"round-{round_index:06d}.pt"
-    temporary = folder / f".{path.name}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(MAGIC + digest + b"\n" + payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(folder)
+    atomic_write(path, MAGIC + digest + b"\n" + payload)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -135,7 +154,116 @@ def truncate_jsonl(path: str | Path, last_round: int) -> list[dict[str, Any]]:
             if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] <= last_round:
                 kept.append(record)
                 lines.append(line + "\n")  # verbatim, so kept lines stay byte-identical
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(lines))
-    os.replace(temporary, path)
+    atomic_write(path, "".join(lines).encode())
     return kept
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``.<name>.tmp`` beside it: write, fsync, rename, fsync the folder.
+
+    A crash or a full disk at any moment leaves the old file (or none) under ``path``, never a part
+    of the new one; an ``OSError`` (e.g. no space left) removes the temporary file and is re-raised.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path``; :class:`RunFolderError` naming the file if it cannot be read or parsed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise RunFolderError(f"cannot read {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(f"{path} is truncated or corrupt, not valid JSON ({error})") from None
+
+
+def load_final_model(path: str | Path) -> dict[str, Any]:
+    """``final_model.pt`` (``{"round", "params"}``); :class:`RunFolderError` naming the file if it is damaged."""
+    path = Path(path)
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing") from None
+    except Exception as error:  # torch raises many kinds on a truncated zip
+        raise RunFolderError(f"{path} is truncated or corrupt ({type(error).__name__}: {error})") from None
+    if not isinstance(model, dict) or not isinstance(model.get("params"), torch.Tensor):
+        raise RunFolderError(f"{path} is not a fedgma final model (no 'params' tensor)")
+    return model
+
+
+def final_files_problem(run_dir: str | Path) -> str | None:
+    """None if the run folder holds a whole ``summary.json`` (a finished run's) and a loadable ``final_model.pt``;
+    otherwise why not, naming the file. A folder without ``summary.json`` is simply not finished."""
+    run_dir = Path(run_dir)
+    try:
+        summary = read_json(run_dir / "summary.json")
+        if not isinstance(summary, dict) or summary.get("status") != "finished":
+            return f"{run_dir / 'summary.json'} is not the summary of a finished run"
+        load_final_model(run_dir / "final_model.pt")
+    except RunFolderError as error:
+        return str(error)
+    return None
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | Path, what: str = "run") -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (file ``.lock`` inside, created with the folder).
+
+    Raises :class:`FolderInUseError` at once, naming the folder and the holder's pid, when another
+    process holds it. The lock goes with the process (closing the file or dying releases it).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")  # noqa: SIM115  (closed below)
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise FolderInUseError(
+                f"{folder} is in use by another fedgma {what} (pid {holder}); wait for it to end or use another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def config_differences(config: Any, saved_toml: str | Path) -> list[str]:
+    """How ``config`` differs from the config saved in a run folder (a ``config.toml`` path or its text).
+
+    Keys on one side only (schema additions, unset values) and ``name`` are not compared; each
+    difference reads ``key = saved there, planned here``. A saved file that is not TOML raises
+    :class:`RunFolderError` naming it.
+    """
+    import tomllib
+
+    from fedgma.config import config_to_dict, flatten
+
+    if isinstance(saved_toml, Path):
+        try:
+            text = saved_toml.read_text()
+            found = flatten(tomllib.loads(text))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            raise RunFolderError(f"{saved_toml} cannot be read as TOML ({error})") from None
+    else:
+        found = flatten(tomllib.loads(saved_toml))
+    planned = flatten(config_to_dict(config))
+    return [f"{k} = {found[k]!r} there, {planned[k]!r} planned" for k in sorted(planned.keys() & found.keys())
+            if k != "name" and planned[k] != found[k]]

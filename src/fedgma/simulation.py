@@ -16,8 +16,10 @@ uninterrupted run. ``[faults]`` injects crashes, stragglers, NaN and Byzantine r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -31,9 +33,21 @@ from torch import Tensor
 
 from fedgma.aggregation import Aggregator, make_aggregator
 from fedgma.backends import make_backend
-from fedgma.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint, truncate_jsonl
+from fedgma.checkpoint import (
+    CheckpointError,
+    RunFolderError,
+    atomic_write,
+    config_differences,
+    final_files_problem,
+    latest_checkpoint,
+    list_checkpoints,
+    lock_folder,
+    read_json,
+    save_checkpoint,
+    truncate_jsonl,
+)
 from fedgma.client import ClientResult, LocalSGD, make_client_algorithm, mean_train_loss
-from fedgma.config import Config, config_to_toml
+from fedgma.config import Config, ConfigError, config_to_toml
 from fedgma.data.arrays import ArrayDataset
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
 from fedgma.faults import NO_REPLY, attack_update, label_flip_clients, poison_labels, round_faults
@@ -45,8 +59,8 @@ from fedgma.seeding import numpy_rng, torch_generator
 from fedgma.server_opt import make_server_optimizer
 
 __all__ = [
-    "BadUpdateError", "ProgressBar", "aggregator_factory", "build_state", "evaluate", "evaluate_all", "local_settings",
-    "reply_policy", "run", "sample_clients", "summarize",
+    "BadUpdateError", "ProgressBar", "aggregator_factory", "build_state", "check_device", "evaluate", "evaluate_all",
+    "local_settings", "reply_policy", "run", "sample_clients", "summarize",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,14 +132,19 @@ def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 class _JsonLines:
+    """An append-only JSON-lines log: each record goes out in one ``write`` call on an ``O_APPEND`` file,
+    so a kill leaves whole lines (a torn last line, if any, is dropped by ``truncate_jsonl`` on resume)."""
+
     def __init__(self, path: Path) -> None:
-        self.handle = open(path, "a", buffering=1)  # noqa: SIM115  (closed by close(), lines flushed as written)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
+        data = (json.dumps(record) + "\n").encode()
+        while data:
+            data = data[os.write(self.fd, data):]
 
     def close(self) -> None:
-        self.handle.close()
+        os.close(self.fd)
 
 
 def build_state(config: Config, model: FlatModel, num_clients: int, run_dir: Path | None = None) -> ServerState:
@@ -161,22 +180,57 @@ def run(
     progress: bool = True,
     data: FederatedDataset | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run the experiment ``config`` (already resolved) and write its run folder; return the summary.
 
-    With ``resume``, continue from the newest good checkpoint in ``run_dir`` (a finished run just
-    returns its summary); the logs are cut back to that round first, so they end up identical
-    (timing fields aside) to those of an uninterrupted run.
+    With ``resume``, continue from the newest good checkpoint in ``run_dir``; the logs are cut back to
+    that round first, so they end up identical (timing fields aside) to those of an uninterrupted run.
+    A finished run (whole ``summary.json`` and ``final_model.pt``) just returns its summary; a damaged
+    one (a file truncated by a kill or a full disk) is rebuilt from its last checkpoint, with a
+    warning naming the damaged file.
+
+    The folder is locked for the run's life: a second writer gets :class:`~fedgma.checkpoint.FolderInUseError`.
+    Without ``resume``, a folder holding the checkpoints or the finished results of another config
+    is refused with :class:`~fedgma.checkpoint.RunFolderError` unless ``overwrite``; a CUDA device that
+    this torch cannot use is a :class:`~fedgma.config.ConfigError` before anything is written.
     """
-    start_time = time.perf_counter()
+    check_device(config.device)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_folder(run_dir, "run"):
+        return _run(config, run_dir, progress, data, resume, overwrite)
+
+
+def check_device(device: str) -> None:
+    """Refuse, in one line, a ``cuda``/``mps`` device this torch build or machine does not have (``ConfigError``)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device': {device!r}, but this torch has no usable CUDA "
+                              "(torch.cuda.is_available() is False); use --device cpu or install a CUDA build of torch")
+        index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device': {device!r}, but only {torch.cuda.device_count()} CUDA "
+                              "device(s) are visible; use cuda:0 .. cuda:N-1")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config key 'device': 'mps' is not available on this machine; use --device cpu")
+
+
+def _run(config: Config, run_dir: Path, progress: bool, data: FederatedDataset | None, resume: bool,
+         overwrite: bool) -> dict:
+    start_time = time.perf_counter()
     if resume and (run_dir / "summary.json").is_file():
-        return json.loads((run_dir / "summary.json").read_text())
+        problem = final_files_problem(run_dir)
+        if problem is None:
+            return read_json(run_dir / "summary.json")
+        warnings.warn(f"{problem}: rebuilding the final files from the last checkpoint", RuntimeWarning,
+                      stacklevel=3)
+        (run_dir / "summary.json").unlink()
+    if not resume and not overwrite:
+        _refuse_another_config(run_dir, config)
     checkpoint = _find_checkpoint(run_dir, config) if resume else None
     if checkpoint is None:
         _clear_run(run_dir)
-    (run_dir / "config.toml").write_text(config_to_toml(config))
+    atomic_write(run_dir / "config.toml", config_to_toml(config).encode())
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -268,8 +322,10 @@ def run(
     summary = summarize(config, history, state.total_steps, time.perf_counter() - start_time)
     summary["initial"] = initial
     summary["checkpoint_s"] = checkpoint_s  # time spent writing checkpoints (this process only, if resumed)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    torch.save({"round": config.rounds, "params": state.params.cpu()}, run_dir / "final_model.pt")
+    model_bytes = io.BytesIO()
+    torch.save({"round": config.rounds, "params": state.params.cpu()}, model_bytes)
+    atomic_write(run_dir / "final_model.pt", model_bytes.getvalue())
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2).encode())  # last: the "finished" mark
     shutil.rmtree(run_dir / "controls", ignore_errors=True)  # finished: no checkpoint will be resumed
     return summary
 
@@ -281,11 +337,30 @@ def _with_attacks(replies: Iterable[ClientResult], faults: dict[int, str], scale
         yield attack_update(result, faults[result.client_id], scale_factor) if result.client_id in faults else result
 
 
+def _refuse_another_config(run_dir: Path, config: Config) -> None:
+    """A fresh start must not silently replace the results or checkpoints of another config."""
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        return
+    finished = (run_dir / "summary.json").is_file()
+    if not finished and not list_checkpoints(run_dir):
+        return
+    differing = config_differences(config, saved)
+    if differing:
+        what = "a finished run" if finished else "an unfinished run (with checkpoints)"
+        raise RunFolderError(
+            f"{run_dir} holds {what} of another config ({'; '.join(differing[:3])}); "
+            "use another --out, or --overwrite to replace it"
+        )
+
+
 def _clear_run(run_dir: Path) -> None:
-    """A fresh start: remove the checkpoints and summary a previous run in this folder left."""
+    """A fresh start: remove the summary (first: the folder stops counting as finished), final model,
+    checkpoints and logs a previous run in this folder left."""
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    (run_dir / "final_model.pt").unlink(missing_ok=True)
     for _, path in list_checkpoints(run_dir):
         path.unlink()
-    (run_dir / "summary.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "controls", ignore_errors=True)  # SCAFFOLD's spilled c_i of an earlier run
     for name in ("metrics.jsonl", "rounds.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
