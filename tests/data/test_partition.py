@@ -73,10 +73,27 @@ def test_shards_cover_and_k_classes(labels, clients, k, seed):
         with pytest.raises(ValueError, match="classes_per_client"):
             P.shards(labels, clients, k, seed)
         return
-    parts = P.shards(labels, clients, k, seed)
+    counts = np.unique(labels, return_counts=True)[1]
+    try:
+        parts = P.shards(labels, clients, k, seed)
+    except ValueError as error:  # a class smaller than its holders (at least ⌊clients·k / classes⌋ of them)
+        assert str(error).startswith("shards: class ") and "lower num_clients or classes_per_client" in str(error)
+        assert counts.min() < -(-clients * k // num_classes)
+        return
     assert_cover(parts, len(labels))
-    for part in parts:
-        assert len(np.unique(labels[part])) <= k
+    assert [len(np.unique(labels[part])) for part in parts] == [k] * clients  # exactly k, never empty
+
+
+def test_shards_refuses_long_tailed_labels_naming_the_class():
+    labels = np.repeat(np.arange(4), [500, 300, 200, 3])  # class 3: 3 records for 5 holders (20 clients × 1 / 4)
+    with pytest.raises(ValueError) as error:
+        P.shards(labels, 20, 1, seed=0)
+    assert str(error.value) == (
+        "shards: class 3 has 3 record(s) but 5 of the 20 clients must hold it (classes_per_client=1), so some "
+        "would get fewer than 1 classes or no data; lower num_clients or classes_per_client, or use a dirichlet "
+        "partition for long-tailed labels"
+    )
+    assert "min_size" not in str(error.value)
 
 
 def test_shards_exactly_k_when_classes_are_large():
@@ -271,3 +288,78 @@ def test_dirichlet_1000_clients_fashion_mnist_is_fast():
     assert min(len(p) for p in parts) >= 10
     stats = P.partition_stats(labels, parts, 10)
     assert stats.mean_entropy < 0.5 * np.log(10)
+
+
+# ---------------------------------------------------------------- the min_size top-up
+
+
+def test_top_up_takes_in_proportion_to_surplus():
+    owner = np.repeat([3, 4], [45, 44])  # clients 0, 1, 2 empty; 3 and 4 hold 45 and 44
+    new = P.top_up(owner, 10, seed=0, num_clients=5)
+    assert np.bincount(new, minlength=5).tolist() == [10, 10, 10, 30, 29]  # not 10, 10, 10, 15, 44
+
+
+sizes_strategy = st.lists(st.integers(0, 60), min_size=1, max_size=25)
+
+
+@FAST
+@given(sizes=sizes_strategy, classes=st.integers(1, 6), min_size=st.integers(0, 12), seed=seeds)
+def test_top_up_properties(sizes, classes, min_size, seed):
+    sizes = np.asarray(sizes)
+    n, clients = int(sizes.sum()), len(sizes)
+    rng = np.random.default_rng(seed)
+    owner = rng.permutation(np.repeat(np.arange(clients), sizes))
+    labels = rng.integers(0, classes, n)
+    if clients * min_size > n:
+        with pytest.raises(ValueError, match="min_size"):
+            P.top_up(owner, min_size, seed, labels, clients)
+        return
+    new = P.top_up(owner, min_size, seed, labels, clients)
+    assert new.shape == owner.shape and new.dtype == np.int64 and np.array_equal(owner, P.top_up(owner, 0, seed, labels, clients))
+    after = np.bincount(new, minlength=clients)
+    assert after.sum() == n and after.min() >= min_size  # exact cover, every client ≥ min_size
+    for i in range(clients):
+        if sizes[i] <= min_size:  # receivers and clients at min_size keep their own records, and reach exactly min
+            assert np.all(new[owner == i] == i)
+            assert after[i] == max(min_size, sizes[i])
+        else:  # donors only give, never below min_size, and in proportion to their surplus (±1)
+            assert np.all(owner[new == i] == i)
+            assert min_size <= after[i] <= sizes[i]
+    bigger = sizes[:, None] > sizes[None, :]
+    assert np.all((after[:, None] >= after[None, :])[bigger])  # the size ranking is kept
+    deficit = int(np.maximum(min_size - sizes, 0).sum())
+    surplus = np.maximum(sizes - min_size, 0)
+    if deficit:
+        exact = min_size + surplus * (1 - deficit / surplus.sum())
+        donors = sizes > min_size
+        assert np.all(np.abs(after[donors] - exact[donors]) < 2)
+        for i in np.flatnonzero(donors):  # a donor's label mix is kept: each class in proportion (±1)
+            before_c = np.bincount(labels[owner == i], minlength=classes)
+            after_c = np.bincount(labels[new == i], minlength=classes)
+            assert np.all(np.abs(after_c - before_c * after[i] / sizes[i]) < 1 + 1e-9)
+
+
+def test_top_up_keeps_receivers_classes():
+    labels = np.repeat([0, 2, 1, 2, 1], [20, 20, 40, 2, 6])
+    owner = np.repeat([2, 3, 0, 1], [40, 40, 2, 6])  # receiver 0 holds class 2, receiver 1 class 1
+    new = P.top_up(owner, 10, seed=0, labels=labels, num_clients=4)
+    # deficit 8 + 4 taken 6 and 6; donor 2 gives 3 of class 0 and 3 of class 2, donor 3 six of class 1
+    assert np.bincount(new, minlength=4).tolist() == [10, 10, 34, 34]
+    assert np.bincount(labels[new == 2], minlength=3).tolist() == [17, 0, 17]  # donor's mix kept
+    assert np.bincount(labels[new == 1], minlength=3).tolist() == [0, 10, 0]  # receivers take their own class first
+    assert np.bincount(labels[new == 0], minlength=3)[2] == 5
+
+
+def test_dirichlet_top_up_at_1000_clients_leaves_the_largest_large():
+    """Issue 13: at 1,000 clients, α = 0.05 on long-tailed labels the 40 largest clients all ended at 10."""
+    rng = np.random.default_rng(0)
+    labels = np.minimum(rng.zipf(1.5, 60_000) - 1, 99)
+    before = np.asarray([len(p) for p in P.dirichlet(labels, 1000, 0.05, seed=1, min_size=0)])  # same draws
+    after = np.asarray([len(p) for p in P.dirichlet(labels, 1000, 0.05, seed=1, min_size=10)])
+    deficit = int(np.maximum(10 - before, 0).sum())
+    surplus = np.maximum(before - 10, 0)
+    donors = before > 10
+    assert deficit > 0 and after.min() == 10
+    exact = 10 + surplus * (1 - deficit / surplus.sum())
+    assert np.all(np.abs(after[donors] - exact[donors]) < 1)
+    assert np.argmax(after) == np.argmax(before) and np.sort(after)[-40:].min() > 10

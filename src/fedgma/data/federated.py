@@ -139,10 +139,13 @@ def _partition(name: str, options: dict[str, Any], splits: DatasetSplits, total:
     if len(parts) != total:
         raise ValueError(f"partition {name!r} made {len(parts)} clients, expected {total}")
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
-    if empty:
+    if empty:  # the hint names only options this partitioner takes
+        fixes = (["raise data.partition.min_size"] if "min_size" in PARTITIONERS.option_names(name) else []) + [
+            f"lower data.num_clients (now {total - holdout}, for {len(splits.train)} training records)"
+        ]
         raise ValueError(
             f"partition {name!r} left {len(empty)} client(s) with no data (e.g. client {empty[0]}); "
-            "raise data.partition.min_size or lower data.num_clients"
+            + " or ".join(fixes)
         )
     return parts
 
