@@ -315,7 +315,8 @@ def test_top_up_properties(sizes, classes, min_size, seed):
             P.top_up(owner, min_size, seed, labels, clients)
         return
     new = P.top_up(owner, min_size, seed, labels, clients)
-    assert new.shape == owner.shape and new.dtype == np.int64 and np.array_equal(owner, P.top_up(owner, 0, seed, labels, clients))
+    assert new.shape == owner.shape and new.dtype == np.int64
+    assert np.array_equal(owner, P.top_up(owner, 0, seed, labels, clients))  # min_size 0: nothing moves
     after = np.bincount(new, minlength=clients)
     assert after.sum() == n and after.min() >= min_size  # exact cover, every client ≥ min_size
     for i in range(clients):
