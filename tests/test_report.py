@@ -109,10 +109,10 @@ def test_table_matches_the_run_folders(real_runs: Path, tmp_path: Path) -> None:
     mean_row = next(r for r in result["rows"] if r["aggregator"] == "mean")
     assert f"{100 * mean_row['final_test_accuracy'][0]:.2f} ± {100 * mean_row['final_test_accuracy'][1]:.2f}" \
         in markdown
-    for name in ("report.md", "gains.md", "gains.csv", "plots/curves_dir.png", "plots/mask_dir.png",
+    for name in ("report.md", "report.html", "gains.md", "gains.csv", "plots/curves.png", "plots/mask_dir.png",
                  "plots/gains.png"):
         assert (tmp_path / name).is_file(), name
-    assert (tmp_path / "plots" / "curves_dir.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "plots" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_folders_of_either_config_shape_report_the_same(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_out_of_distribution_accuracy_gets_a_gain_column_and_a_curve_row(tmp_pat
     assert "gain_ood/rot90_accuracy" not in gain  # per-domain accuracies stay in the table only
     assert "Δ ood (pts)" in (tmp_path / "out" / "gains.md").read_text()
     assert "ood/rot90 acc %" in (tmp_path / "out" / "summary.md").read_text()
-    assert (tmp_path / "out" / "plots" / "curves_rot.png").is_file()
+    assert (tmp_path / "out" / "plots" / "curves.png").is_file()
 
 
 def test_t_quantile() -> None:
@@ -226,3 +226,67 @@ def test_cli_report_writes_tables_and_rejects_an_empty_folder(real_runs: Path, t
     assert result.exit_code == 2 and "no finished runs" in result.output
     result = CliRunner().invoke(main, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.fixture(scope="module")
+def flat_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sweep written into one flat folder: Dirichlet α × aggregator on digits, one seed; plus a
+    failed run (error.txt) and an unfinished one (config only)."""
+    root = tmp_path_factory.mktemp("flat") / "sweep"
+    grid = [parse_grid("data.partition.alpha=0.1,1.0"), parse_grid("server.aggregator=mean,gma")]
+    run_sweep(plan_sweep(PAPER, grid, 1, root, TINY))
+    for name, error in (("broken", "RuntimeError: out of memory"), ("running", None)):
+        (root / name).mkdir()
+        (root / name / "config.toml").write_text((root / "alpha=0.1_aggregator=gma_seed0" / "config.toml").read_text())
+        if error:
+            (root / name / "error.txt").write_text(f"Traceback (most recent call last):\n  ...\n{error}\n")
+    return root
+
+
+def test_flat_sweep_is_grouped_by_its_configs(flat_sweep: Path, tmp_path: Path) -> None:
+    result = write_report(flat_sweep, tmp_path)
+    assert result["swept"] == ["data.partition.alpha", "server.aggregator.name"]  # not τ: mean has none
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in flat_sweep.rglob("summary.json")}
+    got = {(r["config"]["Dirichlet α"], r["aggregator"]): r["final_test_accuracy"][0] for r in result["rows"]}
+    assert got == {(shown, agg): summaries[f"alpha={alpha}_aggregator={agg}_seed0"]["final"]["test_accuracy"]
+                   for alpha, shown in (("0.1", "0.1"), ("1.0", "1")) for agg in ("mean", "gma")}
+    assert [r["setting"] for r in result["rows"]] == ["Dirichlet α=0.1"] * 2 + ["Dirichlet α=1"] * 2
+    groups = make_groups(find_runs(flat_sweep))
+    for setting in {g.setting for g in groups}:
+        labels = [g.label for g in groups if g.setting == setting]
+        assert sorted(labels) == ["fedavg + gma (τ=0.4)", "fedavg + mean"]
+    markdown = (tmp_path / "summary.md").read_text()
+    header = markdown.splitlines()[0]
+    assert header.startswith("| Dirichlet α | algorithm | aggregator | τ | server lr | seeds |")
+    assert header.count("aggregator") == 1 and "setting" not in header
+    assert "| 1 | fedavg | gma | 0.4 |" in markdown
+    assert " ± " not in markdown  # one seed: no std to show
+    report = (tmp_path / "report.md").read_text()
+    assert "4 finished runs in 4 configurations, 0 diverged, 1 failed, 1 unfinished." in report
+    assert "- failed: broken: RuntimeError: out of memory" in report and "- unfinished: running" in report
+    assert [g["setting"] for g in result["gains"]] == ["Dirichlet α=0.1", "Dirichlet α=1"]
+    with open(tmp_path / "summary.csv") as handle:
+        assert {r["Dirichlet α"] for r in csv.DictReader(handle)} == {"0.1", "1"}
+
+
+def test_every_aggregator_appears_in_the_curves(tmp_path: Path) -> None:
+    from fedgma.report.figures import group_name
+
+    for aggregator in ("mean", "median", "trimmed_mean", "gma"):
+        fake_run(tmp_path / "f" / f"aggregator={aggregator}_seed0", aggregator=aggregator, curve=[0.4, 0.5],
+                 shape="parts")
+    groups = make_groups(find_runs(tmp_path / "f"))
+    assert sorted(group_name(g) for g in groups) == [
+        "fedavg + gma (τ=0.4)", "fedavg + mean", "fedavg + median", "fedavg + trimmed_mean"]
+    result = write_report(tmp_path / "f", tmp_path / "out")
+    assert (tmp_path / "out" / "plots" / "curves.png") in result["figures"]
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "out" / "plots" / "curves.png")
+    assert image.shape[1] >= 600 and image.shape[0] >= 400  # sized for content, not 378 x 306
+
+
+def test_plural() -> None:
+    from fedgma.report.write import plural
+
+    assert (plural(1, "run"), plural(2, "run"), plural(0, "configuration")) == ("1 run", "2 runs", "0 configurations")

@@ -9,7 +9,7 @@ from typing import Any
 
 from fedgma.report.groups import Group, extra_accuracies
 from fedgma.report.runs import RunRecord
-from fedgma.report.stats import mean_std
+from fedgma.report.stats import mean_std, t_quantile
 from fedgma.report.tables import number
 
 __all__ = ["group_name", "plot_curves", "plot_gains", "plot_mask", "plot_tau"]
@@ -25,7 +25,8 @@ def _pyplot() -> Any:
 
 
 def _series(runs: list[RunRecord], key: str, source: str = "metrics") -> tuple[list[int], list[float], list[float]]:
-    """Rounds, mean and std over runs of ``key`` (from metrics.jsonl or rounds.jsonl), by round."""
+    """Rounds, mean and the 95% Student-t half-width over runs (0 below two runs) of ``key`` (from
+    metrics.jsonl or rounds.jsonl), by round."""
     values: dict[int, list[float]] = defaultdict(list)
     for run in runs:
         records = run.metrics if source == "metrics" else run.rounds()
@@ -33,54 +34,87 @@ def _series(runs: list[RunRecord], key: str, source: str = "metrics") -> tuple[l
             if key in record and record[key] is not None:
                 values[int(record["round"])].append(float(record[key]))
     rounds = sorted(values)
-    stats = [mean_std(values[r]) for r in rounds]
-    return rounds, [m for m, _ in stats], [s for _, s in stats]
+    means, halves = [], []
+    for r in rounds:
+        mean, std = mean_std(values[r])
+        n = len(values[r])
+        means.append(mean)
+        halves.append(t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else 0.0)
+    return rounds, means, halves
 
 
 def _band(ax: Any, runs: list[RunRecord], key: str, label: str, source: str = "metrics", scale: float = 1.0,
-          **style: Any) -> None:
-    rounds, mean, std = _series(runs, key, source)
+          bounds: tuple[float, float] | None = None, **style: Any) -> None:
+    """The mean of ``key`` over ``runs`` as a line, with its 95% interval over seeds shaded (cut to
+    ``bounds``, e.g. 0-100 for an accuracy in %: two seeds give a t-interval 12.7 std wide)."""
+    rounds, mean, half = _series(runs, key, source)
     if not rounds:
         return
-    low = [scale * (m - s) for m, s in zip(mean, std, strict=True)]
-    high = [scale * (m + s) for m, s in zip(mean, std, strict=True)]
-    (line,) = ax.plot(rounds, [scale * m for m in mean], label=label, **style)
-    ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    low_bound, high_bound = bounds or (-math.inf, math.inf)
+    low = [max(low_bound, scale * (m - h)) for m, h in zip(mean, half, strict=True)]
+    high = [min(high_bound, scale * (m + h)) for m, h in zip(mean, half, strict=True)]
+    (line,) = ax.plot(rounds, [scale * m for m in mean], label=label, marker="o" if len(rounds) < 3 else None,
+                      markersize=4, **style)
+    if any(h > 0 for h in half):
+        ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
 def group_name(group: Group) -> str:
-    """A legend label: algorithm, aggregator (τ for GMA) and server lr."""
-    if group.aggregator == "gma":
-        return f"{group.algorithm}+GMA (τ={group.threshold:g}, server lr {group.server_lr:g})"
-    return f"{group.algorithm} (mean, server lr {group.server_lr:g})"
+    """A legend label: the method (algorithm, aggregator, τ for GMA, every swept method key)."""
+    return group.label or f"{group.algorithm} + {group.aggregator}"
 
 
-def plot_curves(pairs: list[tuple[Group, Group]], path: Path, title: str) -> Path:
-    """Test (and out-of-distribution) accuracy versus round, mean ± std band over seeds, per algorithm."""
+def _seeds_text(groups: list[Group]) -> str:
+    counts = sorted({len(g.runs) for g in groups})
+    if counts == [1]:
+        return "one seed each, no interval"
+    shown = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
+    return f"mean and 95% t-interval over {shown} seeds"
+
+
+def plot_curves(groups: list[Group], path: Path, title: str) -> Path | None:
+    """Accuracy versus round for every selected configuration, one panel per setting (and per accuracy:
+    test, then out-of-distribution ones), one line per method with its 95% interval over seeds shaded.
+
+    Any number of configurations (one included); the figure is sized for its panels and the shared
+    legend sits below them, so it covers no data and no title is clipped. Returns ``path``, or None when
+    no group has an evaluation.
+    """
+    groups = [g for g in groups if g.selected and any(r.metrics for r in g.runs)]
+    if not groups:
+        return None
+    groups = sorted(groups, key=lambda g: (g.aggregator != "mean", g.aggregator, group_name(g)))  # mean: C0
     plt = _pyplot()
-    algorithms = sorted({gma_group.algorithm for _, gma_group in pairs})
-    extra = [k for k in extra_accuracies([g for pair in pairs for g in pair], per_domain=False)
-             if k != "validation_accuracy"]
+    from matplotlib.ticker import MaxNLocator
+
+    settings = list(dict.fromkeys(g.setting for g in groups))
+    extra = [k for k in extra_accuracies(groups, per_domain=False) if k != "validation_accuracy"]
     keys = ["test_accuracy", *extra]
-    fig, axes = plt.subplots(len(keys), len(algorithms), figsize=(4.2 * len(algorithms), 3.4 * len(keys)),
-                             squeeze=False, sharex=True)
-    for col, algorithm in enumerate(algorithms):
-        chosen = [pair for pair in pairs if pair[1].algorithm == algorithm]
-        base = chosen[0][0]
-        for row, key in enumerate(keys):
-            ax = axes[row][col]
-            _band(ax, base.runs, key, group_name(base), scale=100, color="tab:blue")
-            for _, gma_group in chosen:
-                _band(ax, gma_group.runs, key, group_name(gma_group), scale=100, color="tab:orange")
-            ax.set_title(f"{algorithm}: {key.replace('_', ' ')}", fontsize=10)
-            ax.set_ylabel(f"{key.replace('_accuracy', '')} accuracy (%)")
-            ax.grid(alpha=0.3)
-            if row == len(keys) - 1:
-                ax.set_xlabel("round")
-            ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{title}: accuracy vs round (mean ± std over {len(base.runs)} seeds)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    panels = [(setting, key) for setting in settings for key in keys]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    labels = list(dict.fromkeys(group_name(g) for g in groups))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    per_row = max(1, min(len(labels), 2 * ncols))
+    legend_rows = math.ceil(len(labels) / per_row)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.4, 4.6 * ncols), 3.3 * nrows + 0.9 + 0.25 * legend_rows),
+                             squeeze=False, layout="constrained")
+    for ax, (setting, key) in zip(axes.flat, panels, strict=False):
+        for group in (g for g in groups if g.setting == setting):
+            _band(ax, group.runs, key, group_name(group), scale=100, bounds=(0, 100),
+                  color=colours[group_name(group)])
+        name = key.replace("_accuracy", "").replace("_", " ")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{setting or 'all runs'}" + ("" if len(keys) == 1 else f": {name}"), fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{name} accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], color=colours[label], linewidth=2) for label in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncols=per_row, fontsize=8, frameon=False)
+    fig.suptitle(f"{title}: accuracy vs round ({_seeds_text(groups)})", fontsize=11, wrap=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -185,40 +219,46 @@ def plot_tau(family: list[Group], base: Group | None, path: Path, title: str) ->
 
 
 def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """GMA − mean (points) per setting and algorithm, with 95% intervals: final test accuracy and, where
-    measured, out-of-distribution accuracy. Pairs with a single seed (no interval) are left out."""
-    rows = [r for r in rows if r["gain_test_accuracy"]["n"] >= 2]
+    """GMA − mean in accuracy points per setting (one row each) and method (one marker each), with the
+    95% interval over paired seeds as an error bar (none for one seed), for the final test accuracy and,
+    where measured, the out-of-distribution accuracy. Returns ``path``, or None without pairs."""
     if not rows:
         return None
     plt = _pyplot()
     keys = ["test_accuracy"] + (["ood_accuracy"] if any("gain_ood_accuracy" in r for r in rows) else [])
-    algorithms = sorted({r["algorithm"] for r in rows})
-    width = 0.8 / len(algorithms)
-    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3.6 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys, strict=True):
-        settings = sorted({r["setting"] for r in rows if f"gain_{key}" in r})
-        for i, algorithm in enumerate(algorithms):
-            xs, ys, errs = [], [], []
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    methods = list(dict.fromkeys(f"{r['algorithm']} + gma (τ={number(r['threshold'])})" for r in rows))
+    height = 1.6 + 0.45 * len(settings) * max(1, len(methods)) ** 0.5
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), height + 0.3 * len(methods)),
+                             squeeze=False, layout="constrained", sharey=True)
+    offsets = [0.0] if len(methods) == 1 else [0.3 * (i / (len(methods) - 1) - 0.5) for i in range(len(methods))]
+    for ax, key in zip(axes[0], keys, strict=True):
+        for i, method in enumerate(methods):
+            ys, xs, errs = [], [], []
             for j, setting in enumerate(settings):
-                match = [r for r in rows if r["setting"] == setting and r["algorithm"] == algorithm
-                         and f"gain_{key}" in r]
+                match = [r for r in rows if r["setting"] == setting and f"gain_{key}" in r
+                         and f"{r['algorithm']} + gma (τ={number(r['threshold'])})" == method]
                 if match:
                     gain = match[0][f"gain_{key}"]
-                    xs.append(j + (i - (len(algorithms) - 1) / 2) * width)
-                    ys.append(100 * gain["mean"])
+                    ys.append(j + offsets[i])
+                    xs.append(100 * gain["mean"])
                     errs.append(0.0 if math.isnan(gain["ci95"]) else 100 * gain["ci95"])
             if xs:
-                ax.bar(xs, ys, width, yerr=errs, capsize=3, label=algorithm,
-                       color=f"C{i}", edgecolor="black", linewidth=0.5)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(settings)), [s or "." for s in settings])
-        ax.set_xlabel("setting")
+                ax.errorbar(xs, ys, xerr=errs, fmt="o", capsize=4, color=f"C{i}", label=method)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(settings)), [s or "all runs" for s in settings])
+        ax.set_ylim(len(settings) - 0.5, -0.5)
         name = "final test accuracy" if key == "test_accuracy" else "final out-of-distribution accuracy"
-        ax.set_ylabel("GMA − mean (points)")
-        ax.set_title(f"GMA's gain over plain averaging: {name} (mean over seeds, 95% interval)", fontsize=10)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+        ax.set_xlabel(f"GMA − plain averaging, {name} (points)")
+        ax.set_title(f"{name}: GMA's gain", fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+        low, high = ax.get_xlim()
+        bound = max(abs(low), abs(high), 0.5)
+        ax.set_xlim(-bound, bound)  # 0 in the middle: gains right, losses left
+    seeds = sorted({r["seeds"] for r in rows})
+    shown = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    fig.legend(loc="outside lower center", ncols=min(len(methods), 3), fontsize=8, frameon=False)
+    fig.suptitle(f"GMA − plain averaging, paired by seed (mean and 95% t-interval over {shown} seeds)", fontsize=11)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

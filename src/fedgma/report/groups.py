@@ -9,14 +9,16 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedgma.config import flatten
 from fedgma.registry import AGGREGATORS
-from fedgma.report.runs import RunRecord, group_runs
+from fedgma.report.configs import describe, format_value, identity, is_method_key, varying_keys
+from fedgma.report.runs import RunRecord
 
-__all__ = ["Group", "extra_accuracies", "make_groups", "pair_groups", "tau_families"]
+__all__ = ["Group", "extra_accuracies", "make_groups", "method_label", "pair_groups", "swept_keys",
+           "tau_families"]
 
 
 #: Config keys that do not define *what* is compared: the seed, the name, the aggregator and its
@@ -35,12 +37,20 @@ def config_defaults() -> dict[str, Any]:
 
 @dataclass
 class Group:
-    """Runs of one setting and configuration that differ only in their seed."""
+    """Runs of one configuration that differ only in their seed (and name).
+
+    ``setting`` is what the configuration is compared in: the run folder's sub-folder (if any) and the
+    values of the swept setting keys (``"Dirichlet α=0.1"``; ``""`` when nothing but the method
+    differs); ``label`` names the method (``"fedavg + gma (τ=0.4)"``, with every swept method key), so
+    that within one setting every group has its own label. ``values`` holds every swept key's value.
+    """
 
     setting: str
     label: str
     runs: list[RunRecord]
     selected: bool = True  # False: another server lr won on validation
+    values: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""
 
     @property
     def flat(self) -> dict[str, Any]:
@@ -95,11 +105,44 @@ class Group:
         return self.setting, json.dumps(rest, sort_keys=True, default=str)
 
 
+def method_label(group: Group, method_keys: list[str]) -> str:
+    """``"fedavg + gma (τ=0.4)"``: algorithm, aggregator (τ for GMA) and every other swept method key."""
+    label = f"{group.algorithm} + {group.aggregator}"
+    shown = [k for k in method_keys if k not in ("algorithm", "server.aggregator.name", "server.aggregator.threshold")
+             and group.flat.get(k) is not None]
+    extra = [f"τ={format_value(group.threshold)}"] if group.aggregator == "gma" else []
+    if shown:
+        extra.append(describe(group.flat, shown))
+    return label + (f" ({', '.join(extra)})" if extra else "")
+
+
+def swept_keys(groups: list[Group]) -> list[str]:
+    """The config keys whose values differ between ``groups`` (setting keys first, then method keys)."""
+    return varying_keys(g.flat for g in groups)
+
+
 def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy") -> list[Group]:
-    """Group runs by setting and label; where only the server lr differs, mark the lr with the best mean
-    final ``metric`` (the validation split, never the test set) as selected and the others not."""
-    groups = [Group(g[0].setting, label, sorted(g, key=lambda r: r.summary["seed"]))
-              for label, g in group_runs(runs).items()]
+    """Group runs by their resolved configs: runs whose configs differ only in seed and name (and that sit
+    in the same sub-folder) are one group. Every key that differs between groups is swept: setting keys
+    name the group's ``setting``, method keys its ``label`` (:class:`Group`).
+
+    Where groups differ only in the server lr, the lr with the best mean final ``metric`` (the validation
+    split, never the test set) is marked selected and the others not.
+    """
+    by_config: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        flat = {**config_defaults(), **flatten(run.config)}
+        by_config[(run.setting, identity(flat))].append(run)
+    groups = [Group(folder, "", sorted(members, key=lambda r: r.summary["seed"]), folder=folder)
+              for (folder, _), members in sorted(by_config.items())]
+    keys = swept_keys(groups)
+    setting_keys = [k for k in keys if not is_method_key(k)]
+    method_keys = [k for k in keys if is_method_key(k)]
+    for group in groups:
+        flat = group.flat
+        group.values = {k: flat.get(k) for k in keys}
+        group.setting = " · ".join(part for part in (group.folder, describe(flat, setting_keys)) if part)
+        group.label = method_label(group, method_keys)
     by_lr: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
         by_lr[group.lr_key()].append(group)

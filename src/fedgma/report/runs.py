@@ -23,7 +23,10 @@ import tomllib
 
 from fedgma.config import ConfigError, upgrade_raw
 
-__all__ = ["PART_KEYS", "RunRecord", "find_diverged", "find_runs", "group_runs", "load_run", "part_name", "read_config"]
+__all__ = [
+    "PART_KEYS", "RunRecord", "find_diverged", "find_incomplete", "find_runs", "group_runs", "load_run", "part_name",
+    "read_config",
+]
 
 
 @dataclass(frozen=True)
@@ -150,4 +153,23 @@ def find_diverged(root: str | Path) -> list[dict[str, Any]]:
         config_path = marker.parent / "config.toml"
         config = read_config(tomllib.loads(config_path.read_text()), marker.parent) if config_path.is_file() else {}
         found.append({"path": marker.parent, "config": config, **json.loads(marker.read_text())})
+    return found
+
+
+def find_incomplete(root: str | Path) -> list[dict[str, Any]]:
+    """Run folders under ``root`` (holding ``config.toml``) with neither ``summary.json`` nor
+    ``diverged.json``: ``{"path", "status", "error"}`` where status is ``"failed"`` (the sweep wrote
+    ``error.txt``; ``error`` is its last line) or ``"unfinished"`` (still running, or killed; ``error`` is
+    ``""``), in path order. Report folders (no ``config.toml``) are not runs."""
+    found = []
+    for marker in sorted(Path(root).rglob("config.toml")):
+        folder = marker.parent
+        if (folder / "summary.json").is_file() or (folder / "diverged.json").is_file():
+            continue
+        error_file = folder / "error.txt"
+        if error_file.is_file():
+            lines = [line for line in error_file.read_text(errors="replace").splitlines() if line.strip()]
+            found.append({"path": folder, "status": "failed", "error": lines[-1].strip() if lines else ""})
+        else:
+            found.append({"path": folder, "status": "unfinished", "error": ""})
     return found

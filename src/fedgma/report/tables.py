@@ -9,35 +9,33 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedgma.report.groups import Group, extra_accuracies, pair_groups
-from fedgma.report.runs import RunRecord, group_runs
+from fedgma.report.configs import format_value, is_method_key, readable_name
+from fedgma.report.groups import Group, extra_accuracies, make_groups, pair_groups, swept_keys
+from fedgma.report.runs import RunRecord
 from fedgma.report.stats import gain_stats, mean_std, rounds_to_target
 
 __all__ = [
-    "gain_rows", "gains_markdown", "number", "percent", "summary_rows", "table_markdown", "table_rows", "write_csv",
+    "gain_columns", "gain_rows", "gains_markdown", "number", "percent", "summary_rows", "table_columns",
+    "table_markdown", "table_rows", "write_csv",
 ]
 
 
 def summary_rows(runs: Iterable[RunRecord]) -> list[dict[str, Any]]:
-    """One row per group: algorithm, aggregator, seeds, final and best test accuracy (mean, std)."""
+    """One row per configuration (:func:`~fedgma.report.groups.make_groups`): ``run`` (its setting and
+    method label), algorithm, aggregator, seeds, final and best test accuracy (mean, std), wall seconds."""
     rows = []
-    for label, group in group_runs(runs).items():
-        first = group[0].summary
-        final = [r.summary["final"]["test_accuracy"] for r in group]
-        best = [r.summary["best"]["test_accuracy"] for r in group]
+    for group in make_groups(runs):
         row = {
-            "run": label,
-            "algorithm": first["algorithm"],
-            "aggregator": first["aggregator"],
-            "seeds": len(group),
-            "final_accuracy": mean_std(final),
-            "best_accuracy": mean_std(best),
-            "wall_s": statistics.fmean(r.summary["wall_s"] for r in group),
+            "run": " · ".join(part for part in (group.setting, group.label) if part),
+            "algorithm": group.algorithm,
+            "aggregator": group.aggregator,
+            "seeds": len(group.runs),
+            "final_accuracy": mean_std(group.final()),
+            "best_accuracy": mean_std(group.best()),
+            "wall_s": statistics.fmean(float(r.summary["wall_s"]) for r in group.runs),
         }
-        finals = [r.summary["final"] for r in group]
-        extra = sorted({k for f in finals for k in f if k.endswith("_accuracy") and k != "test_accuracy"})
-        for key in extra:
-            row[f"final_{key}"] = mean_std([r.summary["final"][key] for r in group if key in r.summary["final"]])
+        for key in extra_accuracies([group]):
+            row[f"final_{key}"] = mean_std(group.final(key))
         rows.append(row)
     return rows
 
@@ -52,6 +50,8 @@ def table_rows(
     × the mean final test accuracy of plain averaging, the same target for both rows of the pair.
     """
     extras = extra_accuracies(groups)
+    swept = swept_keys(groups)
+    columns = [k for k in swept if k not in _FIXED_COLUMNS]
     pair_target: dict[int, float] = {}
     for base, gma_group in pair_groups(groups):
         level = target_fraction * statistics.fmean(base.final())
@@ -61,7 +61,9 @@ def table_rows(
     for group in groups:
         row: dict[str, Any] = {
             "setting": group.setting,
-            "run": group.label.rsplit("/", 1)[-1],
+            "folder": group.folder,
+            "label": group.label,
+            "config": {readable_name(k, swept): format_value(group.values.get(k)) for k in columns},
             "algorithm": group.algorithm,
             "aggregator": group.aggregator,
             "threshold": group.threshold,
@@ -85,9 +87,22 @@ def table_rows(
             row["rounds_to_target"], row["reached"] = None, ""
         row["wall_s"] = statistics.fmean(float(r.summary["wall_s"]) for r in group.runs)
         rows.append(row)
-    rows.sort(key=lambda r: (r["setting"], r["algorithm"], r["aggregator"] != "mean", r["threshold"] or 0,
-                             r["server_lr"]))
-    return rows
+    order = {id(g): (g.folder, [_sortable(g.values.get(k)) for k in swept if not is_method_key(k)]) for g in groups}
+    keyed = sorted(zip(groups, rows, strict=True), key=lambda gr: (
+        order[id(gr[0])], gr[1]["algorithm"], gr[1]["aggregator"] != "mean", gr[1]["aggregator"],
+        gr[1]["threshold"] or 0, gr[1]["server_lr"], gr[1]["label"]))
+    return [row for _, row in keyed]
+
+
+#: Swept keys that have their own fixed column in the tables.
+_FIXED_COLUMNS = ("algorithm", "server.aggregator.name", "server.aggregator.threshold", "server.optimizer.lr")
+
+
+def _sortable(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order before anything else in text order."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
 
 
 def gain_rows(groups: list[Group]) -> list[dict[str, Any]]:
@@ -124,16 +139,21 @@ def gain_rows(groups: list[Group]) -> list[dict[str, Any]]:
     return rows
 
 
-def percent(value: tuple[float, float] | None) -> str:
-    """``(mean, std)`` of fractions as ``"m ± s"`` in %, 2 decimals; ``""`` for None or NaN."""
+def percent(value: tuple[float, float] | None, seeds: int = 2) -> str:
+    """``(mean, std)`` of fractions as ``"m ± s"`` in %, 2 decimals (just ``"m"`` for one seed, whose std
+    means nothing); ``""`` for None or NaN."""
     if value is None or math.isnan(value[0]):
         return ""
+    if seeds < 2:
+        return f"{100 * value[0]:.2f}"
     return f"{100 * value[0]:.2f} ± {100 * value[1]:.2f}"
 
 
 def _gain_text(gain: dict[str, Any]) -> str:
     if gain["n"] == 0:
         return ""
+    if gain["n"] == 1:
+        return f"{100 * gain['mean']:+.2f}"
     ci = "" if math.isnan(gain["ci95"]) else f" [{100 * (gain['mean'] - gain['ci95']):+.2f}, " \
                                               f"{100 * (gain['mean'] + gain['ci95']):+.2f}]"
     return f"{100 * gain['mean']:+.2f} ± {100 * gain['std']:.2f}{ci}"
@@ -150,12 +170,17 @@ def number(value: float | None, digits: int = 4) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
 
 
-def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The experiment table in Markdown; accuracies in %, mean ± std over seeds."""
+def table_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The experiment table as a header and text cells (shared by Markdown, HTML and the terminal): the
+    sub-folder (if any), every swept config key by its readable name, the method, then the results."""
     extras = sorted({k for r in rows for k in r if k.startswith("final_") and k.endswith("_accuracy")
                      and k != "final_test_accuracy" and r[k] is not None})
-    header = ["setting", "algorithm", "aggregator", "τ", "server lr", "seeds", "final test acc %",
-              "best test acc %", *[k.removeprefix("final_").replace("_accuracy", "") + " acc %" for k in extras],
+    swept = list(dict.fromkeys(k for r in rows for k in r.get("config", {})))
+    folder = any(r.get("folder") for r in rows)
+    gma = any(r["aggregator"] == "gma" for r in rows)
+    header = [*(["folder"] if folder else []), *swept, "algorithm", "aggregator", *(["τ"] if gma else []), "server lr",
+              "seeds", "final test acc %", "best test acc %",
+              *[k.removeprefix("final_").replace("_accuracy", "") + " acc %" for k in extras],
               "target %", "rounds to target", "wall s"]
     body = []
     for r in rows:
@@ -164,25 +189,37 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
         if r["target"] is not None:
             reached = "—" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"
             rounds = f"{reached} ({r['reached']})"
-        body.append([r["setting"] or ".", r["algorithm"], r["aggregator"], number(r["threshold"]), lr,
-                     str(r["seeds"]), percent(r["final_test_accuracy"]), percent(r["best_test_accuracy"]),
-                     *[percent(r.get(k)) for k in extras], "" if r["target"] is None else f"{100 * r['target']:.2f}",
-                     rounds, f"{r['wall_s']:.0f}"])
-    return _markdown(header, body)
+        seeds = r["seeds"]
+        body.append([*([r.get("folder", "")] if folder else []), *[r.get("config", {}).get(k, "") for k in swept],
+                     r["algorithm"], r["aggregator"], *([number(r["threshold"])] if gma else []), lr, str(seeds),
+                     percent(r["final_test_accuracy"], seeds), percent(r["best_test_accuracy"], seeds),
+                     *[percent(r.get(k), seeds) for k in extras],
+                     "" if r["target"] is None else f"{100 * r['target']:.2f}", rounds, f"{r['wall_s']:.0f}"])
+    return header, body
 
 
-def gains_markdown(rows: list[dict[str, Any]]) -> str:
-    """GMA − mean in accuracy points: mean ± std over seeds [95% interval], and the verdict."""
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The experiment table in Markdown (:func:`table_columns`); accuracies in %, mean ± std over seeds."""
+    return _markdown(*table_columns(rows))
+
+
+def gain_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The gains table (GMA − mean in accuracy points) as a header and text cells."""
     extras = sorted({k for r in rows for k in r if k.startswith("gain_") and k not in
                      {"gain_test_accuracy", "gain_best_test_accuracy"}})
     header = ["setting", "algorithm", "τ", "server lr (mean / gma)", "seeds", "Δ final test (pts)",
               "Δ best test (pts)", *[f"Δ {k.removeprefix('gain_').replace('_accuracy', '')} (pts)" for k in extras],
               "verdict (final test)"]
-    body = [[r["setting"] or ".", r["algorithm"], number(r["threshold"]),
+    body = [[r["setting"] or "all runs", r["algorithm"], number(r["threshold"]),
              f"{number(r['lr_mean'])} / {number(r['lr_gma'])}", str(r["seeds"]),
              _gain_text(r["gain_test_accuracy"]), _gain_text(r["gain_best_test_accuracy"]),
              *[_gain_text(r[k]) if k in r else "" for k in extras], r["verdict"]] for r in rows]
-    return _markdown(header, body)
+    return header, body
+
+
+def gains_markdown(rows: list[dict[str, Any]]) -> str:
+    """GMA − mean in accuracy points: mean ± std over seeds [95% interval], and the verdict."""
+    return _markdown(*gain_columns(rows))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -194,6 +231,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         for key, value in row.items():
             if isinstance(value, tuple):
                 flat[f"{key}_mean"], flat[f"{key}_std"] = value
+            elif isinstance(value, dict) and "verdict" not in value:  # the swept config values: one column each
+                flat.update(value)
             elif isinstance(value, dict):
                 for sub in ("mean", "std", "ci95", "n", "verdict"):
                     flat[f"{key}_{sub}"] = value[sub]
