@@ -327,6 +327,16 @@ class GMAAggregator(_Accumulator):
         self._sign_sum: Tensor | None = None
 
     def add(self, update: Tensor, weight: float = 1.0) -> None:
+        """Fold one client's update into the two running sums (O(d) memory whatever the number of clients).
+
+        Args:
+            update: a 1-D float tensor [d]; every update of a round has the first one's shape and dtype.
+            weight: a finite non-negative weight, usually the client's sample count n_k (only ratios matter).
+
+        Raises:
+            ValueError: not a 1-D float tensor, another shape or dtype than the first update, a NaN or
+            infinite entry (when ``check_finite``), or a bad weight; the message names the client's index.
+        """
         w = self._admit(update, weight)
         if self._weighted_sum is None:
             self._weighted_sum = torch.zeros_like(update)
@@ -343,6 +353,14 @@ class GMAAggregator(_Accumulator):
         return sign_agreement(self._sign_sum, normaliser)
 
     def result(self, _consume: bool = False) -> tuple[Tensor, dict[str, Any]]:
+        """The masked average m ⊙ Σ p_k Δ_k [d] and statistics: ``num_clients``, ``mask_density``,
+        ``mask_pass_fraction``, ``agreement_mean``, per-layer values and histograms when ``layers`` were
+        given, and ``mask`` (the tensor [d]). The aggregator can keep taking updates afterwards.
+
+        Raises:
+            ValueError: no update was added, the weights sum to zero (or under/overflow the dtype), or
+            the weighted sum is not finite.
+        """
         # Order chosen for peak memory: the statistics' temporaries exist before the average does,
         # and the one-shot functions (_consume) reuse the two running sums for A and the average.
         self._check_ready()
@@ -467,7 +485,21 @@ def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights:
 
 
 def mean(updates: Updates, weights: Sequence[float] | None = None) -> Tensor:
-    """Weighted average Σ p_k Δ_k, p_k ∝ ``weights`` (uniform when None)."""
+    """Weighted average Σ p_k Δ_k (FedAvg, McMahan et al. 2017).
+
+    Args:
+        updates: K client updates, a float tensor [K, d] or a sequence of K 1-D float tensors [d] of
+            one shape and dtype.
+        weights: K finite non-negative weights, usually sample counts n_k; normalised to
+            p_k = n_k / Σ n_k (uniform when None), so only their ratios matter.
+
+    Returns:
+        The average, a tensor [d] of the updates' dtype and device.
+
+    Raises:
+        ValueError: no update, a wrong shape or dtype (naming the client), a NaN or infinite entry,
+        a negative, non-finite or mismatched number of weights, or weights summing to zero.
+    """
     aggregator = MeanAggregator()
     _fold(aggregator, updates, weights)
     return aggregator.average(_consume=True)
@@ -485,6 +517,21 @@ def gma(
     A = |(1/K) Σ_k sign(Δ_k)| (or |Σ p_k sign(Δ_k)| with ``weighted_agreement``); m = 1 where
     A ≥ τ, else A (soft) or 0 (``hard``). τ = 0 gives plain weighted averaging exactly.
     Tenison et al., "Gradient Masked Averaging for Federated Learning", TMLR 2023.
+
+    Args:
+        updates: K client updates, a float tensor [K, d] or a sequence of K 1-D float tensors [d] of
+            one shape and dtype (for a model's state dicts: :func:`fedgma.state_dicts.gma_state_dicts`).
+        weights: K finite non-negative weights, usually sample counts n_k; normalised to
+            p_k = n_k / Σ n_k (uniform when None).
+        threshold: τ in [0, 1].
+        hard: mask 0 (not A) below τ, the AND-mask of Parascandolo et al. 2021.
+        weighted_agreement: weight the signs by p_k in A.
+
+    Returns:
+        ``(aggregate, mask)``, both tensors [d] of the updates' dtype and device; mask in [0, 1].
+
+    Raises:
+        ValueError: as :func:`mean`, and a threshold outside [0, 1].
     """
     aggregator = GMAAggregator(threshold, hard=hard, weighted_agreement=weighted_agreement)
     _fold(aggregator, updates, weights)
