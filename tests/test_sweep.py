@@ -93,7 +93,7 @@ def test_run_sweep_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Pa
 
 
 def test_divergence_is_recorded_and_counts_as_finished(tmp_path: Path) -> None:
-    plan = plan_sweep(PAPER, [], 1, tmp_path, [*TINY, "server.aggregator=mean", "server.optimizer.lr=1e6", "client.lr=10"])
+    plan = plan_sweep(PAPER, [], 1, tmp_path, [*TINY, "server.aggregator=mean", "server.optimizer.lr=1000", "client.lr=100"])
     done: list[object] = []
     run_sweep(plan, on_done=lambda run, summary: done.append(summary))
     record = json.loads((plan[0].run_dir / DIVERGED).read_text())

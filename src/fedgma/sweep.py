@@ -1,21 +1,37 @@
 """Sweeps: the Cartesian product of config values × seeds, one run folder each, resumable.
 
-A run counts as finished when its folder holds ``summary.json`` (written last), so a sweep
-started again skips finished runs and redoes only unfinished ones.
+A run counts as finished when its folder holds a whole ``summary.json`` (written last) and
+``final_model.pt``, or ``diverged.json``. A sweep started again skips finished runs and resumes
+unfinished ones from their newest good checkpoint (rebuilding damaged final files the same way);
+an unfinished run of another config starts over. The sweep folder is locked while a sweep runs
+(a second sweep on the same ``--out`` is refused), and ``--jobs`` worker processes die with the
+sweep (a parent-death signal on Linux, a watchdog thread elsewhere).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import re
-import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgma.checkpoint import (
+    atomic_write,
+    config_differences,
+    final_files_problem,
+    list_checkpoints,
+    lock_folder,
+)
 from fedgma.config import Config, ConfigError, load_config, parse_value
 
 __all__ = ["DIVERGED", "FAILED", "SweepError", "SweepRun", "expand_grid", "parse_grid", "plan_sweep", "run_sweep"]
@@ -31,8 +47,11 @@ class SweepRun:
 
     @property
     def finished(self) -> bool:
-        """Done, either with ``summary.json`` or as a recorded divergence (deterministic: not worth redoing)."""
-        return (self.run_dir / "summary.json").is_file() or (self.run_dir / DIVERGED).is_file()
+        """Done, either with whole final files (``summary.json``, ``final_model.pt``) or as a recorded divergence
+        (deterministic: not worth redoing). Damaged final files do not count: the run is resumed to rebuild them."""
+        if (self.run_dir / DIVERGED).is_file():
+            return True
+        return (self.run_dir / "summary.json").is_file() and final_files_problem(self.run_dir) is None
 
 
 DIVERGED = "diverged.json"
@@ -119,8 +138,11 @@ def plan_sweep(
 
 
 def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any] | None:
-    """Run one point from scratch. Divergence (a non-finite model) is a result: it is recorded in
-    ``diverged.json`` and the sweep goes on; any other error is written to ``error.txt`` and re-raised."""
+    """Run one point: resumed from its checkpoint if its folder holds an unfinished run of the planned config,
+    else from scratch (replacing whatever unfinished run of another config is there).
+
+    Divergence (a non-finite model) is a result: it is recorded in ``diverged.json`` and the sweep
+    goes on; any other error is written to ``error.txt`` and re-raised."""
     import torch
 
     from fedgma import simulation
@@ -130,21 +152,48 @@ def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any] | None
     divergence = (FloatingPointError, getattr(simulation, "BadUpdateError", FloatingPointError))
     if threads:
         torch.set_num_threads(threads)
-    if run.run_dir.exists():
-        shutil.rmtree(run.run_dir)  # an unfinished run: start it again from scratch
+    (run.run_dir / FAILED).unlink(missing_ok=True)  # a failure of an earlier attempt
+    saved = run.run_dir / "config.toml"
+    resume = (saved.is_file() and bool(list_checkpoints(run.run_dir))
+              and not config_differences(run.config, saved))
     try:
-        return simulate(run.config, run.run_dir, progress=False)
+        if run.config.engine == "flower":  # the point's own engine (Flower's simulation runtime, from round 1)
+            from fedgma.flower.app import run_flower
+
+            return run_flower(run.config, run.run_dir, progress=False)
+        return simulate(run.config, run.run_dir, progress=False, resume=resume, overwrite=True)
     except divergence as error:
         record = {"status": "diverged", "error": str(error), "algorithm": run.config.algorithm,
                   "aggregator": run.config.server.aggregator.name, "seed": run.config.seed}
-        (run.run_dir / DIVERGED).write_text(json.dumps(record, indent=2))
+        atomic_write(run.run_dir / DIVERGED, json.dumps(record, indent=2).encode())
         return None
     except Exception:
         import traceback
 
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / FAILED).write_text(traceback.format_exc())
+        atomic_write(run.run_dir / FAILED, traceback.format_exc().encode())
         raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of a ``--jobs`` worker: exit when the sweep process dies, even by SIGKILL.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a daemon thread polls the parent's pid. A
+    parent already gone when this runs (the race the signal cannot cover) ends the worker at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="fedgma-parent-watch").start()
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def run_sweep(
@@ -157,13 +206,28 @@ def run_sweep(
     ``on_done(run, summary)`` is called once per run: with ``None`` for a run finished earlier or one
     that diverged. A run that fails otherwise does not stop the others; once all have been tried, the
     first failure is raised as a :class:`SweepError` naming every failed run folder.
+
+    Each folder holding runs of the plan is locked for the sweep's life: a second sweep there gets
+    :class:`~fedgma.checkpoint.FolderInUseError`, naming the folder.
     """
-    for run in plan:
-        if run.finished:
+    with contextlib.ExitStack() as locks:
+        for folder in sorted({run.run_dir.parent for run in plan}):
+            locks.enter_context(lock_folder(folder, "sweep"))
+        return _run_sweep(plan, jobs, on_done)
+
+
+def _run_sweep(
+    plan: Sequence[SweepRun], jobs: int, on_done: Callable[[SweepRun, dict[str, Any] | None], None] | None
+) -> list[SweepRun]:
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {jobs}")
+    finished = [run.finished for run in plan]  # once: it loads each final model
+    for run, done in zip(plan, finished, strict=True):
+        if done:
             check_same_config(run)
-    todo = [run for run in plan if not run.finished]
-    for run in plan:
-        if run.finished and on_done:
+    todo = [run for run, done in zip(plan, finished, strict=True) if not done]
+    for run, done in zip(plan, finished, strict=True):
+        if done and on_done:
             on_done(run, None)
     failures: list[tuple[SweepRun, BaseException]] = []
     if jobs <= 1:
@@ -177,10 +241,10 @@ def run_sweep(
                 on_done(run, summary)
     else:
         import multiprocessing
-        import os
 
         threads = max(1, (os.cpu_count() or 1) // jobs)  # share the cores instead of oversubscribing them
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_run_one, run, threads): run for run in todo}
             for future in as_completed(futures):
                 try:
@@ -198,21 +262,13 @@ def run_sweep(
 
 def check_same_config(run: SweepRun) -> None:
     """A finished run is only reused if it ran the planned config (e.g. not an older tuned server lr)."""
-    import tomllib
-
-    from fedgma.config import config_to_dict, flatten
-
     path = run.run_dir / "config.toml"
     if not path.is_file():
         return
-    planned = flatten(config_to_dict(run.config))
-    found = flatten(tomllib.loads(path.read_text()))
-    # keys on one side only are schema additions (or unset values): compare what both name
-    differ = sorted(k for k in planned.keys() & found.keys() if k != "name" and planned[k] != found[k])
+    differ = config_differences(run.config, path)
     if differ:
-        shown = ", ".join(f"{k} = {found[k]!r} there, {planned[k]!r} planned" for k in differ[:3])
         raise ConfigError(
-            f"run folder {run.run_dir} holds a finished run of another config ({shown}); "
+            f"run folder {run.run_dir} holds a finished run of another config ({', '.join(differ[:3])}); "
             "use another --out or remove that folder"
         )
 
