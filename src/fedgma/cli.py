@@ -47,8 +47,18 @@ def main(debug: bool) -> None:
     """Federated learning with Gradient Masked Averaging (GMA)."""
 
 
+def _safe_name(name: str) -> str:
+    """``name`` as one harmless folder name: path separators, ``..`` and other odd characters become ``-``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=+-]+|\.{2,}", "-", name).strip(".-") or "run"
+
+
 def _default_run_dir(config: Any) -> Path:
-    base = Path("runs") / f"{config.name or 'run'}-{config.algorithm}-{config.server.aggregator.name}-seed{config.seed}"
+    """``runs/<name>-<algorithm>-<aggregator>-seed<N>`` (name sanitised: always inside ``runs/``), numbered
+    ``-1``, ``-2``, ... past folders already holding something."""
+    name = _safe_name(f"{config.name or 'run'}-{config.algorithm}-{config.server.aggregator.name}")
+    base = Path("runs") / f"{name}-seed{config.seed}"
     candidate, n = base, 1
     while candidate.exists() and any(candidate.iterdir()):
         candidate = base.with_name(f"{base.name}-{n}")
@@ -66,31 +76,38 @@ def _default_run_dir(config: Any) -> Path:
               help="Continue an interrupted run from its newest good checkpoint (no CONFIG needed).")
 @click.option("--engine", type=click.Choice(["fedgma", "flower"]),
               help="Shortcut for --set engine=...; flower: Flower's simulation engine (pip install 'fedgma[flower]').")
+@click.option("--overwrite", is_flag=True, help="Replace a run of another config already in --out.")
 @_user_errors
 def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, device: str | None, quiet: bool,
-        resume_dir: str | None, engine: str | None = None) -> None:
+        resume_dir: str | None, engine: str | None = None, overwrite: bool = False) -> None:
     """Run one experiment from a TOML config, or --resume an interrupted one."""
     from fedgma.config import ConfigError, load_config
     from fedgma.simulation import run as simulate
 
     if resume_dir is not None:
-        if config_path or overrides or out or device or engine:
-            raise ConfigError(
-                "--resume RUN_DIR uses the run's own config.toml: give no CONFIG, --set, --out, --device, --engine"
-            )
+        if config_path or overrides or out or device or engine or overwrite:
+            raise ConfigError("--resume RUN_DIR uses the run's own config.toml: give no CONFIG, --set, --out, "
+                              "--device, --engine, --overwrite")
         run_dir = Path(resume_dir)
-        summary = simulate(_run_config(run_dir), run_dir, progress=not quiet, resume=True)
+        saved = _run_config(run_dir)
+        if saved.engine == "flower":  # never rerun silently on the other engine
+            raise ConfigError(f"{run_dir}: --resume of a flower-engine run is not supported; rerun it from round 1 "
+                              f"with: fedgma run {run_dir / 'config.toml'} --out {run_dir}")
+        summary = _simulate(simulate, saved, run_dir, quiet, resume=True)
     elif config_path is None:
         raise ConfigError("give a CONFIG file to run, or --resume RUN_DIR to continue a run")
     else:
         overrides = (*overrides, f"device={device}") if device else overrides
         overrides = (*overrides, f"engine={engine}") if engine else overrides
         config = load_config(config_path, list(overrides))
+        from fedgma.simulation import check_device
+
+        check_device(config.device)  # before anything is written
         run_dir = Path(out) if out else _default_run_dir(config)
         if config.engine == "flower":
             summary = _run_on_flower(config, run_dir, progress=not quiet)
         else:
-            summary = simulate(config, run_dir, progress=not quiet)
+            summary = _simulate(simulate, config, run_dir, quiet, overwrite=overwrite)
     final = summary["final"]
     click.echo(
         f"{run_dir}: final test accuracy {final['test_accuracy']:.4f} "
@@ -100,6 +117,33 @@ def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, de
     shifted = {k: final[k] for k in ("ood_accuracy", "holdout_mean_accuracy", "holdout_worst10_accuracy") if k in final}
     if shifted:  # held-out domains and clients (docs/HETEROGENEITY.md)
         click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in shifted.items()))
+
+
+def _key_hyperparameters(config: Any) -> str:
+    """One line of what will run (``fedgma.config.key_hyperparameters`` where it exists)."""
+    from fedgma import config as config_module
+
+    describe = getattr(config_module, "key_hyperparameters", None)
+    if describe is not None:
+        return describe(config)
+    optimizer = config.server.optimizer
+    return (f"{config.algorithm}: client lr {config.client.lr} | aggregator {config.server.aggregator.name} "
+            f"{config.server.aggregator.options} | server {optimizer.name} lr {optimizer.options.get('lr')}")
+
+
+def _simulate(simulate: Callable[..., dict[str, Any]], config: Any, run_dir: Path, quiet: bool,
+              **options: Any) -> dict[str, Any]:
+    """Print the key hyper-parameters, then run; Ctrl-C (SIGINT) prints how to resume and exits with code 130."""
+    from fedgma.checkpoint import list_checkpoints
+
+    click.echo(f"{run_dir}: {_key_hyperparameters(config)}")
+    try:
+        return simulate(config, run_dir, progress=not quiet, **options)
+    except KeyboardInterrupt:
+        saved = list_checkpoints(run_dir)
+        where = f"its checkpoint of round {saved[-1][0]} is kept" if saved else "no checkpoint was written yet"
+        click.echo(f"interrupted: {where}; continue with: fedgma run --resume {run_dir}", err=True)
+        sys.exit(130)
 
 
 def _run_on_flower(config: Any, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -133,7 +177,7 @@ def _run_config(run_dir: Path) -> Any:
 @click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
 @click.option("--seeds", default=1, show_default=True, help="Seeds per point (config seed, seed+1, ...).")
-@click.option("--jobs", default=1, show_default=True, help="Runs in parallel processes.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Runs in parallel processes.")
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep folder (default: runs/<config name>).")
 @click.option("--server-lr-from", "tuning_dir", type=click.Path(file_okay=False, exists=True),
               help="Tuning sweep folder: use, per algorithm × aggregator, the server lr with the best "

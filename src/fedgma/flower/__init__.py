@@ -4,11 +4,13 @@ Needs the optional extra ``pip install 'fedgma[flower]'`` (flwr 1.41, Message AP
 never imports flwr; importing this package without flwr raises an ImportError that says what to
 install. What is here:
 
-* :mod:`fedgma.flower.strategy`: ``GMAMixin`` puts Gradient Masked Averaging (Tenison et al., TMLR
-  2023) in place of the weighted average of any Flower ``FedAvg``-family strategy, using the core
-  library's streaming :class:`~fedgma.aggregation.GMAAggregator` (one implementation of the maths);
-  ready-made ``GMAFedAvg``, ``GMAFedAvgM``, ``GMAFedProx``, ``GMAFedAdam``, ``GMAFedYogi``,
-  ``GMAFedAdagrad``, and ``with_gma(AnyFedAvgSubclass)``.
+* :mod:`fedgma.flower.strategy`: :class:`FedgmaStrategy`, one Flower strategy made of fedgma's
+  parts (any registered aggregator, fedgma's server optimizers, the reply checks of
+  :func:`fedgma.round.run_round`), so a Flower run gives the simulator's numbers; ``GMAFedAvg``,
+  ``GMAFedAvgM``, ``GMAFedProx``, ``GMAFedAdam``, ``GMAFedYogi``, ``GMAFedAdagrad`` are thin aliases
+  of it with GMA and the matching server optimizer.
+* :mod:`fedgma.flower.mixin`: ``with_gma(FedAvg | FedAvgM | FedProx | FedAdam | FedYogi |
+  FedAdagrad)`` and ``GMAMixin``: GMA in place of the weighted average, then Flower's own server step.
 * :mod:`fedgma.flower.app`: the ``server_app`` / ``client_app`` pair that runs a fedgma experiment
   config (datasets, partitions, models) on Flower, and ``run_flower`` behind ``fedgma run --engine flower``.
 
@@ -26,6 +28,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from fedgma.flower.strategy import (
+    FedgmaStrategy,
     GMAFedAdagrad,
     GMAFedAdam,
     GMAFedAvg,
@@ -35,10 +38,12 @@ from fedgma.flower.strategy import (
     GMAMixin,
     InvalidReplyError,
     ReplyAggregator,
+    aggregate_metrics,
     with_gma,
 )
 
 __all__ = [
+    "FedgmaStrategy",
     "GMAFedAdagrad",
     "GMAFedAdam",
     "GMAFedAvg",
@@ -48,5 +53,6 @@ __all__ = [
     "GMAMixin",
     "InvalidReplyError",
     "ReplyAggregator",
+    "aggregate_metrics",
     "with_gma",
 ]

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -45,15 +45,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
 from fedgma.client import ClientResult, mean_train_loss, train_client
 from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve, set_key
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
-from fedgma.flower.strategy import GMAMixin, InvalidReplyError, StreamingGrid
+from fedgma.flower.strategy import FedgmaStrategy, InvalidReplyError, StreamingGrid
 from fedgma.models import FlatModel, build_model
-from fedgma.round import run_round
 from fedgma.seeding import torch_generator
 from fedgma.simulation import evaluate, local_settings, sample_clients
 
@@ -229,16 +227,17 @@ def _evaluate(msg: Message, context: Context) -> Message:
 # --------------------------------------------------------------------------------------------
 
 
-class FedGMA(GMAMixin, FedAvg):
+class FedGMA(FedgmaStrategy):
     """A fedgma config as a Flower strategy: fedgma's client sampling, and fedgma's own round.
 
     ``configure_train`` sends the clients :func:`fedgma.simulation.sample_clients` draws for the
     round to the nodes holding those partitions (nodes that have gone are skipped, and the round
-    goes on with the rest if at least ``server.min_clients`` reply); ``aggregate_train`` turns each
-    reply into a client update and hands them to :func:`fedgma.round.run_round`, the function the
-    simulator calls: the same reply checks (``server.max_update_norm``, ``server.on_bad_update``),
-    the configured ``[server.aggregator]`` with its options (behind ``server.clip_norm``), the
-    configured ``[server.optimizer]``, on the same :class:`fedgma.round.ServerState`.
+    goes on with the rest if at least ``server.min_clients`` reply); ``aggregate_train`` is
+    :class:`FedgmaStrategy`'s (every reply checked, then :func:`fedgma.round.run_round`), on the
+    :class:`fedgma.round.ServerState` that :func:`fedgma.simulation.build_state` builds, with the
+    aggregator of :func:`fedgma.simulation.aggregator_factory` (per-layer statistics, clipping).
+    A reply must also say which client it is (``client-id``, one of the round's sampled clients,
+    once) and how many local steps it took (``num-steps``).
     """
 
     def __init__(self, config: Config, model: FlatModel, connect_timeout: float = 120.0, **kwargs: Any) -> None:
@@ -246,91 +245,64 @@ class FedGMA(GMAMixin, FedAvg):
 
         server = config.server
         super().__init__(
-            aggregator=server.aggregator.name, threshold=0.4, aggregator_options=server.aggregator.options,
+            aggregator=server.aggregator.name, aggregator_options=dict(server.aggregator.options),
+            optimizer=server.optimizer.name, optimizer_options=dict(server.optimizer.options),
+            clip_norm=server.clip_norm, max_update_norm=server.max_update_norm,
             on_invalid=server.on_bad_update, min_replies=server.min_clients,
-            fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1, **kwargs,
+            min_available_nodes=1, min_train_nodes=1, **kwargs,
         )
         self.config = config
         self.model = model
         self.config_toml = config_to_toml(config)
         self.state = simulation.build_state(config, model, config.data.num_clients)
         self.new_aggregator = simulation.aggregator_factory(config, model)
-        self.policy = simulation.reply_policy(config, model)
         self.connect_timeout = connect_timeout
         self.node_of_client: dict[int, int] | None = None
         self.last_update_norm = 0.0
         self.sampled: list[int] = []
+        self._seen: set[int] = set()
         self.unreachable: list[int] = []  # sampled clients whose node was gone when the round was configured
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> list[Message]:
+        """No federated evaluation: the run evaluates centrally (``evaluate_fn``), as the simulator does."""
+        return []
+
+    def _state_for(self, layout: Any, flat: Tensor) -> Any:
+        if layout.numel != self.model.numel or layout.dtype != torch.float32:
+            raise ValueError(f"the global model has {layout.numel} {layout.dtype} values, the config's model "
+                             f"{self.model.numel} float32")
+        return self.state
+
+    def _new_aggregator(self) -> Any:
+        return self.new_aggregator()
+
+    def parse_reply(self, index: int, node: str, content: RecordDict) -> ClientResult:
+        metrics = content["metrics"] if "metrics" in content.metric_records else None
+        if metrics is None:
+            raise InvalidReplyError("the reply has no MetricRecord 'metrics'")
+        client_id = _integer(metrics, "client-id")
+        if client_id not in self.sampled or client_id in self._seen:
+            raise InvalidReplyError(f"client-id {client_id} was not sampled this round, or replied twice")
+        _integer(metrics, "num-steps")
+        _number(metrics, "train_loss")
+        result = super().parse_reply(index, node, content)
+        self._seen.add(client_id)
+        result.client_id = client_id
+        return result
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check every reply, then run fedgma's round on the valid ones; None when the round is skipped."""
-        if self._global_arrays is None:
-            raise RuntimeError("aggregate_train called before configure_train: the global model is unknown")
-        self.state.params = record_to_params(self._global_arrays, self.model)
-        self.last_round = {"round": server_round, "dropped": [], "lost": [], "metrics": [], "stats": {}}
-        metrics_of: dict[int, MetricRecord] = {}
-        node_of: dict[int, str] = {}
-        results = self._client_results(server_round, replies, metrics_of, node_of)
-        self.state, outcome = run_round(self.state, server_round, results, self.new_aggregator, self.policy)
-        if self._stream is not None:  # after the replies are consumed: the messages the timeout cut off
-            self.last_round["lost"].extend(
-                (str(node), "no reply before the round's timeout") for node in self._stream.unanswered
-            )
-        self.last_round["dropped"].extend((node_of.get(c, str(c)), why) for c, why in outcome.dropped.items())
-        self.last_round["metrics"] = [metrics_of[r.client_id] for r in outcome.accepted]
-        if not outcome.committed:
-            return None, None
-        self.last_round["stats"] = {k: v for k, v in outcome.stats.items() if not isinstance(v, torch.Tensor)}
-        self.last_update_norm = float(outcome.update.norm())
-        metrics = MetricRecord({
-            "train_loss": mean_train_loss(outcome.accepted),
-            "num-examples": int(sum(r.num_samples for r in outcome.accepted)),
-            **{f"gma-{k.replace('_', '-')}": v for k, v in outcome.stats.items()
-               if isinstance(v, (int, float)) and "/" not in k},
-        })
-        return params_to_record(self.model, self.state.params), metrics
-
-    def _client_results(self, server_round: int, replies: Iterable[Message], metrics_of: dict[int, MetricRecord],
-                        node_of: dict[int, str]) -> Iterator[ClientResult]:
-        """Each reply as a :class:`ClientResult` (Δ = reply − global), or dropped/lost with its node named."""
-        sampled = set(self.sampled)
-        for message in replies:
-            node = str(message.metadata.src_node_id)
-            if message.has_error():
-                log(WARNING, "fedgma: no reply from node %s (going on without it): %s", node, message.error.reason)
-                self.last_round["lost"].append((node, message.error.reason))
-                continue
-            try:
-                result, metrics = self._parse_reply(message, sampled)
-            except (KeyError, TypeError, ValueError) as error:
-                reason = str(error) or type(error).__name__
-                if self.on_invalid == "fail":
-                    raise InvalidReplyError(f"round {server_round}: reply from node {node}: {reason}") from None
-                log(WARNING, "fedgma: round %d: dropping the reply from node %s: %s", server_round, node, reason)
-                self.last_round["dropped"].append((node, reason))
-                continue
-            metrics_of[result.client_id] = metrics
-            node_of[result.client_id] = node
-            yield result
-
-    def _parse_reply(self, message: Message, sampled: set[int]) -> tuple[ClientResult, MetricRecord]:
-        content = message.content
-        metrics = content["metrics"]
-        client_id = _integer(metrics, "client-id")
-        if client_id not in sampled:
-            raise ValueError(f"client-id {client_id} was not sampled this round")
-        num_samples = _number(metrics, "num-examples")
-        if not num_samples > 0:
-            raise ValueError(f"num-examples must be > 0, got {num_samples}")
-        num_steps = _integer(metrics, "num-steps")
-        if num_steps < 0:
-            raise ValueError(f"num-steps must be ≥ 0, got {num_steps}")
-        train_loss = _number(metrics, "train_loss")
-        params = record_to_params(content["arrays"], self.model)
-        result = ClientResult(client_id, params - self.state.params, num_samples, num_steps, train_loss)
-        return result, metrics
+        """:meth:`FedgmaStrategy.aggregate_train`, recording what the run folder logs."""
+        self._seen = set()
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        outcome = self.last_round.get("outcome")
+        if outcome is not None and outcome.committed:
+            self.last_update_norm = float(outcome.update.norm())
+            self.last_round["stats"] = {k: v for k, v in outcome.stats.items() if not isinstance(v, torch.Tensor)}
+            self.last_round["algorithm_stats"] = dict(outcome.algorithm_stats)
+        return arrays, metrics
 
     def _discover(self, grid: Grid) -> dict[int, int]:
         """Which node holds which client: wait for the nodes, then ask each (a Flower "query" message)."""
@@ -370,7 +342,7 @@ class FedGMA(GMAMixin, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        self._global_arrays = arrays
+        self.current_arrays = arrays
         if self.node_of_client is None:
             self.node_of_client = self._discover(grid)
         self.sampled = sample_clients(
@@ -402,16 +374,16 @@ class FedGMA(GMAMixin, FedAvg):
         return node
 
 def _number(metrics: MetricRecord, key: str) -> float:
-    value = metrics[key]
+    value = metrics.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key} must be a finite number, got {value!r}")
+        raise InvalidReplyError(f"{key} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _integer(metrics: MetricRecord, key: str) -> int:
     value = _number(metrics, key)
-    if value != int(value):
-        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if value != int(value) or value < 0:
+        raise InvalidReplyError(f"{key} must be an integer ≥ 0, got {value!r}")
     return int(value)
 
 
@@ -455,24 +427,24 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
         if server_round == 0:
             return None
         last = strategy.last_round if strategy.last_round.get("round") == server_round else {}
-        replies = [_Reply(m) for m in last.get("metrics", [])]
-        stats = dict(last.get("stats", {}))
+        outcome = last.get("outcome")
+        accepted = list(outcome.accepted) if outcome is not None else []
+        committed = outcome is not None and outcome.committed
+        stats = dict(last.get("stats", {})) if committed else {}
         stats.pop("num_clients", None)
-        stats.pop("num_dropped", None)
-        stats.pop("num_lost", None)
-        steps = sum(r.num_steps for r in replies)
+        steps = sum(r.num_steps for r in accepted)
         state["total_steps"] += steps
         round_record = {
             "round": server_round,
             "clients": strategy.sampled,
             # the clients whose replies were aggregated (the sampled ones less unreachable, lost, dropped;
             # none when the round was skipped for having fewer than server.min_clients valid replies)
-            "aggregated": sorted(int(m["client-id"]) for m in last.get("metrics", []) if "client-id" in m)
-            if stats else [],
-            "train_loss": mean_train_loss(replies),
+            "aggregated": sorted(r.client_id for r in accepted) if committed else [],
+            "train_loss": mean_train_loss(accepted),
             "local_steps": steps,
-            "update_norm": strategy.last_update_norm if stats else 0.0,
-            **({} if stats else {"skipped": True}),
+            "update_norm": strategy.last_update_norm if committed else 0.0,
+            **({} if committed else {"skipped": True}),
+            **(last.get("algorithm_stats", {}) if committed else {}),
             **stats,
             **({"dropped": {node: why for node, why in last["dropped"]}} if last.get("dropped") else {}),
             # sampled, but the node was offline when the round began (not sent) / vanished during the round
@@ -518,14 +490,6 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     return summary
 
 
-class _Reply:
-    """The few fields of a reply's metrics that :func:`fedgma.client.mean_train_loss` reads."""
-
-    def __init__(self, metrics: MetricRecord) -> None:
-        self.num_steps = int(metrics.get("num-steps", 0))
-        self.train_loss = float(metrics.get("train_loss", 0.0))
-
-
 def make_server_app(config: Config, run_dir: str | Path | None, progress: bool = False,
                     round_timeout: float = 600.0) -> ServerApp:
     """A ServerApp that runs ``config`` (for ``run_simulation`` from Python)."""
@@ -549,26 +513,47 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_cpus: int | None = None,
-               client_cpus: float = 1.0) -> dict[str, Any]:
-    """Run ``config`` on Flower's simulation engine (Ray), one virtual SuperNode per client; return the summary.
+               client_cpus: float = 1.0, verbose: bool | None = None) -> dict[str, Any]:
+    """Run ``config`` on Flower's simulation runtime (Ray), one virtual SuperNode per client; return the summary.
 
     Writes the same run folder as :func:`fedgma.simulation.run`. ``num_cpus`` caps the CPUs Ray
-    may use (default: all), ``client_cpus`` is what one ClientApp reserves.
+    may use (default: all), ``client_cpus`` is what one ClientApp reserves. Flower logs at WARNING
+    unless ``verbose`` (default: the environment variable ``FEDGMA_VERBOSE=1``).
+
+    Flower 1.41 deprecates the Python ``run_simulation`` wrapper in favour of ``flwr run`` (what
+    ``examples/flower-app`` does); this in-process engine calls the simulation runtime that both
+    use, ``flwr.simulation.run_simulation._run_simulation``, without the deprecated wrapper.
+
+    Raises:
+        ConfigError: a setting the Flower engine does not run. RuntimeError: the run ended without a summary.
     """
-    from flwr.simulation import run_simulation
+    import logging
+
+    from flwr.supercore.telemetry import EventType
+    from flwr.simulation.run_simulation import _run_simulation
 
     check_supported(config)
+    if verbose is None:
+        verbose = os.environ.get("FEDGMA_VERBOSE", "") == "1"
+    flwr_logger = logging.getLogger("flwr")
+    saved_level = flwr_logger.level
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     backend_config = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "log_to_driver": False, "logging_level": "ERROR"},
+        "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "log_to_driver": bool(verbose),
+                      "logging_level": "INFO" if verbose else "ERROR"},
     }
-    run_simulation(
-        server_app=make_server_app(config, run_dir, progress),
-        client_app=client_app,
-        num_supernodes=config.data.num_clients,
-        backend_name="ray",
-        backend_config=backend_config,
-    )
+    try:
+        _run_simulation(
+            num_supernodes=config.data.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=make_server_app(config, run_dir, progress),
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        flwr_logger.setLevel(saved_level)
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the Flower simulation ended without writing {summary_path}; see the log above")

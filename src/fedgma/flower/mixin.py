@@ -1,4 +1,7 @@
-"""Gradient Masked Averaging as a Flower strategy (flwr 1.41 Message API).
+"""GMA inside Flower's own strategies: ``with_gma(FedAdam)`` (Flower's server maths), and reply streaming.
+
+For fedgma's own round on Flower (fedgma's server optimizers, any registered aggregator) use
+:class:`fedgma.flower.FedgmaStrategy`; this module is for users who want Flower's server step.
 
 Flower's ``FedAvg`` and its subclasses (``FedAvgM``, ``FedProx``, ``FedAdam``, ``FedYogi``,
 ``FedAdagrad``) all work the same way in ``aggregate_train``: ``FedAvg.aggregate_train`` takes the
@@ -50,12 +53,7 @@ from torch import Tensor
 from fedgma.aggregation import AGREEMENT_BINS, MeanAggregator, make_aggregator
 
 __all__ = [
-    "GMAFedAdagrad",
-    "GMAFedAdam",
-    "GMAFedAvg",
-    "GMAFedAvgM",
-    "GMAFedProx",
-    "GMAFedYogi",
+    "WITH_GMA_SUPPORTED",
     "GMAMixin",
     "InvalidReplyError",
     "ReplyAggregator",
@@ -512,9 +510,11 @@ class GMAMixin:
             self._in_server_step = False
         if stepped is None:
             raise RuntimeError("the base strategy returned no arrays for the aggregated reply")
-        for key, kind in fold.kinds.items():  # integer arrays bypass the server step, with their dtype
-            if kind == "integer":
+        for key, kind in fold.kinds.items():
+            if kind == "integer":  # integer arrays bypass the server step, with their dtype
                 stepped[key] = Array(aggregated[key])
+            elif stepped[key].dtype != fold.dtypes[key]:  # Flower's FedAdam/FedYogi/FedAdagrad return float64
+                stepped[key] = Array(np.ascontiguousarray(stepped[key].numpy().astype(np.dtype(fold.dtypes[key]))))
         return stepped
 
     def _check_and_log_replies(
@@ -529,32 +529,34 @@ class GMAMixin:
         super().summary()  # type: ignore[misc]
 
 
+WITH_GMA_SUPPORTED = (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad)
+
+
+def _flower_base(strategy_class: type) -> type | None:
+    """The nearest class in the MRO that Flower itself ships (a user's subclass keeps its Flower base)."""
+    for klass in strategy_class.__mro__:
+        if klass.__module__.startswith("flwr."):
+            return klass
+    return None
+
+
 def with_gma(strategy_class: type) -> type:
-    """A subclass of a Flower FedAvg-family strategy class with GMA as its aggregation step."""
-    if not (isinstance(strategy_class, type) and issubclass(strategy_class, FedAvg)):
-        raise TypeError(f"with_gma needs a subclass of flwr FedAvg, got {strategy_class!r}")
+    """A subclass of a Flower strategy class with GMA (or any fedgma rule) as its aggregation step.
+
+    Flower's own server step (FedAvgM's momentum, FedAdam's moments: Flower's maths, not fedgma's)
+    is applied to the aggregate, and every array is cast back to the global model's dtype after it
+    (Flower's FedAdam returns float64). Only for classes whose Flower base is FedAvg, FedAvgM,
+    FedProx, FedAdam, FedYogi or FedAdagrad: the others (FedMedian, FedTrimmedAvg, Krum, Bulyan,
+    QFedAvg, ...) aggregate in their own way, which GMA's weighted mean would silently replace.
+
+    Raises:
+        TypeError: any other class, naming the supported ones.
+    """
+    base = _flower_base(strategy_class) if isinstance(strategy_class, type) else None
+    if base not in WITH_GMA_SUPPORTED:
+        names = ", ".join(k.__name__ for k in WITH_GMA_SUPPORTED)
+        raise TypeError(
+            f"with_gma supports Flower's {names} (and subclasses of them), got {strategy_class!r}; "
+            "for GMA with a robust rule or fedgma's server optimizers use fedgma.flower.FedgmaStrategy"
+        )
     return type(f"GMA{strategy_class.__name__}", (GMAMixin, strategy_class), {"__doc__": GMAMixin.__doc__})
-
-
-class GMAFedAvg(GMAMixin, FedAvg):
-    """FedAvg + GMA: θ ← θ + m ⊙ Σ p_k Δ_k (Tenison et al. 2023)."""
-
-
-class GMAFedAvgM(GMAMixin, FedAvgM):
-    """FedAvgM + GMA: server momentum (Hsu et al. 2019) on GMA's aggregate."""
-
-
-class GMAFedProx(GMAMixin, FedProx):
-    """FedProx + GMA: proximal local training (Li et al. 2020), GMA at the server."""
-
-
-class GMAFedAdam(GMAMixin, FedAdam):
-    """FedAdam + GMA: Flower's FedAdam server step (Reddi et al. 2021) on GMA's aggregate."""
-
-
-class GMAFedYogi(GMAMixin, FedYogi):
-    """FedYogi + GMA: Flower's FedYogi server step (Reddi et al. 2021) on GMA's aggregate."""
-
-
-class GMAFedAdagrad(GMAMixin, FedAdagrad):
-    """FedAdagrad + GMA: Flower's FedAdagrad server step (Reddi et al. 2021) on GMA's aggregate."""
