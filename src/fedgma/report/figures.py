@@ -12,6 +12,9 @@ from fedgma.report.runs import RunRecord
 from fedgma.report.stats import mean_std, t_quantile
 from fedgma.report.tables import number
 
+#: The range of a fraction (mask density, agreement): intervals are cut to it.
+UNIT = (0.0, 1.0)
+
 __all__ = ["group_name", "plot_curves", "plot_gains", "plot_mask", "plot_tau"]
 
 
@@ -147,28 +150,30 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
     if sweep:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
         for group in sorted(groups, key=lambda g: g.threshold or 0):
-            _band(axes[0][0], group.runs, "mask_density", f"τ={group.threshold:g}", source="rounds")
-            _band(axes[0][1], group.runs, "mask_pass_fraction", f"τ={group.threshold:g}", source="rounds")
+            _band(axes[0][0], group.runs, "mask_density", f"τ={group.threshold:g}", source="rounds", bounds=UNIT)
+            _band(axes[0][1], group.runs, "mask_pass_fraction", f"τ={group.threshold:g}", source="rounds", bounds=UNIT)
         axes[0][0].set_ylabel("mask density (mean of mask)")
         axes[0][1].set_ylabel("fraction of coordinates with agreement ≥ τ")
         for ax in axes[0]:
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
-        fig.suptitle(f"{title}: GMA mask over rounds (mean ± std over seeds)", fontsize=11)
+        fig.suptitle(f"{title}: GMA mask over rounds (mean and 95% interval over seeds)", fontsize=11)
     else:
         groups = sorted(groups, key=lambda g: (g.algorithm, g.threshold or 0))
         fig, axes = plt.subplots(len(groups), 3, figsize=(14, 3.4 * len(groups)), squeeze=False)
         for row, group in enumerate(groups):
             ax_density, ax_agree, ax_hist = axes[row]
-            _band(ax_density, group.runs, "mask_density", "all coordinates", source="rounds", color="black")
+            _band(ax_density, group.runs, "mask_density", "all coordinates", source="rounds", bounds=UNIT,
+                  color="black")
             layers = _layers(group.runs[0])
             for layer in layers:
-                _band(ax_density, group.runs, f"mask_density/{layer}", layer, source="rounds", linewidth=1)
+                _band(ax_density, group.runs, f"mask_density/{layer}", layer, source="rounds", bounds=UNIT, linewidth=1)
             ax_density.set_title(f"{group_name(group)}: mask density", fontsize=9)
             ax_density.set_ylabel("mean of mask")
-            _band(ax_agree, group.runs, "agreement_mean", "mean agreement", source="rounds")
-            _band(ax_agree, group.runs, "mask_pass_fraction", "fraction with agreement ≥ τ", source="rounds")
+            _band(ax_agree, group.runs, "agreement_mean", "mean agreement", source="rounds", bounds=UNIT)
+            _band(ax_agree, group.runs, "mask_pass_fraction", "fraction with agreement ≥ τ", source="rounds",
+                  bounds=UNIT)
             ax_agree.set_title("sign agreement", fontsize=9)
             ax_agree.set_ylabel("value")
             for layer in layers:
@@ -184,7 +189,7 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
             for ax in (ax_density, ax_agree, ax_hist):
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=6)
-        fig.suptitle(f"{title}: GMA mask statistics (mean ± std over seeds)", fontsize=11)
+        fig.suptitle(f"{title}: GMA mask statistics (mean and 95% interval over seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
