@@ -11,6 +11,11 @@ of a backend.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -179,10 +184,10 @@ def test_options_left_unset_take_their_defaults(digits) -> None:
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("multiprocess", {"workers": 0}, "option 'workers': Input should be greater than or equal to 1"),
-        ("multiprocess", {"threads": 0}, "option 'threads': Input should be greater than or equal to 1"),
+        ("multiprocess", {"workers": 0}, r"option 'workers': .*1"),
+        ("multiprocess", {"threads": 0}, r"option 'threads': .*1"),
         ("multiprocess", {"start_method": "thread"}, "option 'start_method'"),
-        ("vectorized", {"max_clients": 0}, "option 'max_clients': Input should be greater than or equal to 1"),
+        ("vectorized", {"max_clients": 0}, r"option 'max_clients': .*1"),
         ("vectorized", {"method": "hand"}, "backend 'vectorized' has no option 'method'"),
         ("sequential", {"workers": 2}, "backend 'sequential' has no option 'workers'; it takes: no options"),
     ],
@@ -194,12 +199,86 @@ def test_bad_options_are_one_line_errors(digits, name, options, message) -> None
 
 
 def test_multiprocess_workers_are_capped_at_the_core_count(digits, monkeypatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    backend = make_backend("multiprocess", _model("mlp", digits), digits, LocalSGD(), 0, workers=64)
+    monkeypatch.setattr("fedgma.multiprocess.available_cores", lambda: 2)
+    backend = make_backend("multiprocess", _model("mlp", digits), digits, LocalSGD(), 0, workers=1_000_000_000)
     try:
         assert backend.workers == 2
     finally:
         backend.close()
+    backend = make_backend("multiprocess", _model("mlp", digits), digits, LocalSGD(), 0, threads=2,
+                           start_method="spawn")
+    assert backend.workers == 1  # cores // threads
+
+
+def test_multiprocess_starts_no_more_workers_than_the_round_has_clients(digits, monkeypatch) -> None:
+    monkeypatch.setattr("fedgma.multiprocess.available_cores", lambda: 64)
+    settings = SETTINGS["sgd"]
+    model = _model("mlp", digits)
+    backend = make_backend("multiprocess", model, digits, settings, 3, workers=1_000_000_000)
+    try:
+        assert backend.workers == 64
+        list(backend.train(model.params.clone(), [0, 1, 2], 1, PlainClient(settings)))
+        assert len(backend._workers) == 3
+    finally:
+        backend.close()
+
+
+def test_multiprocess_refuses_fork_with_several_threads(digits) -> None:
+    with pytest.raises(ValueError, match=r"^backend option threads = 2 needs start_method 'spawn' or 'forkserver'"):
+        make_backend("multiprocess", _model("mlp", digits), digits, LocalSGD(), 0, threads=2, start_method="fork")
+
+
+KILL_PARENT = """
+import os, sys, time
+from fedgma.backends import make_backend
+from fedgma.client import LocalSGD, PlainClient
+from fedgma.data.datasets import load_dataset
+from fedgma.data.federated import FederatedDataset
+from fedgma.models import FlatModel, build_model
+from fedgma.seeding import torch_generator
+import numpy as np
+splits = load_dataset("digits")
+data = FederatedDataset([splits.train.subset(np.arange(i * 50, i * 50 + 50)) for i in range(4)], splits.test, 10)
+model = FlatModel(build_model("mlp", data.input_shape, data.num_classes, torch_generator(0, "init")))
+settings = LocalSGD(batch_size=8, lr=0.05, steps={steps})
+backend = make_backend("multiprocess", model, data, settings, 0, workers=2)
+results = backend.train(model.params.clone(), [0, 1, 2, 3], 1, PlainClient(settings))
+{first}
+print(" ".join(str(process.pid) for process, _ in backend._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("busy", [False, True], ids=["idle workers", "workers training"])
+def test_multiprocess_workers_exit_when_the_parent_is_killed(busy) -> None:
+    """SIGKILL of the parent: idle workers see end-of-file on their pipe, busy ones get PR_SET_PDEATHSIG."""
+    script = KILL_PARENT.format(steps=10**7 if busy else 1, first="" if busy else "next(results)")
+    if busy:  # start the round, then report the pids while the workers train
+        script = script.replace("results = backend", "backend._start(4)\nresults = backend")
+        script = script.replace("\n\nprint(", "\nimport threading\nthreading.Thread(target=lambda: next(results), "
+                                "daemon=True).start()\ntime.sleep(1)\nprint(")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 # --------------------------------------------------------------------------------------------

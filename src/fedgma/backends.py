@@ -18,7 +18,6 @@ Backends are registered in :data:`fedgma.registry.BACKENDS` with a pydantic mode
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -75,8 +74,9 @@ class VectorizedOptions(Options):
 
 
 class MultiprocessOptions(Options):
-    """``workers``: worker processes (default, and at most, the machine's cores); ``threads``: intra-op threads
-    of each worker; ``start_method``: how workers start (default fork where available, else spawn)."""
+    """``workers``: worker processes (default, and at most, cores // threads; never more than the round's
+    clients); ``threads``: intra-op threads of each worker; ``start_method``: how workers start (default fork
+    where available with one thread, else spawn; fork with threads > 1 is refused)."""
 
     workers: int | None = Field(None, ge=1)
     threads: int = Field(1, ge=1)
@@ -89,12 +89,10 @@ def _vectorized(**kwargs: Any) -> Backend:
     return VectorizedBackend(**kwargs)
 
 
-def _multiprocess(workers: int | None = None, **kwargs: Any) -> Backend:
+def _multiprocess(**kwargs: Any) -> Backend:
     from fedgma.multiprocess import MultiprocessBackend
 
-    cores = os.cpu_count() or 1
-    # more processes than cores only time-share the cores (and each holds a model and its data)
-    return MultiprocessBackend(workers=min(workers or cores, cores), **kwargs)
+    return MultiprocessBackend(**kwargs)  # caps workers at the cores and the round's clients
 
 
 BACKENDS.register("sequential", SequentialBackend, NoOptions, "one client after another (the reference)")

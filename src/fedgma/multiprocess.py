@@ -15,13 +15,26 @@ of the round); a reply is four numbers. Each worker runs the reference
 :func:`~fedgma.client.train_client` with the per-client generator, so results equal the sequential
 backend's up to the float differences of a different thread count, and come back in the order of
 the client ids. A worker that dies raises an error naming it and its client.
+
+Workers never outlive the parent: each closes the pipe ends it inherited from the parent (its own
+and earlier workers'), so a dead parent means end-of-file on its pipe, and on Linux each also asks
+the kernel for SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``), which covers a worker
+that is busy training when the parent is killed. Workers are capped at the round's clients and at
+the cores (``cores // threads``). ``threads > 1`` needs the spawn or forkserver start method (the
+default then): with fork, a worker whose parent already ran OpenMP with several threads hangs in
+its first parallel region (GNU libgomp is not fork-safe), so ``start_method = "fork"`` with
+``threads > 1`` is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import signal
+import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -37,14 +50,45 @@ from fedgma.seeding import torch_generator
 __all__ = ["MultiprocessBackend"]
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Returns whether the request was made (False on other platforms or without libc's ``prctl``;
+    the closed pipe ends still stop an idle worker there). Exits at once if the parent is already
+    gone (it may have died before the request). The signal is tied to the thread that forked this
+    process, so backends must be created on a thread that lives as long as they do.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # the parent died before the request: no signal will come
+        os._exit(0)
+    return armed
+
+
 def _worker_main(connection: Any, module: torch.nn.Module, data: FederatedDataset, settings: LocalSGD, seed: int,
-                 shared_params: Tensor, slots: Tensor, threads: int) -> None:
+                 shared_params: Tensor, slots: Tensor, threads: int, parent_pid: int = 0,
+                 inherited: Sequence[Any] = ()) -> None:
     """A worker: per round, train the listed clients; each update goes to its slot, a short reply by pipe."""
+    for end in inherited:  # the parent's pipe ends a forked worker inherited: closed, so the parent's death is EOF
+        end.close()
+    if parent_pid:
+        die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     model = FlatModel(module)
     updates, corrections = slots
     while True:
-        message = connection.recv()
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
         if message is None:
             return
         round_index, tasks = message
@@ -60,13 +104,33 @@ def _worker_main(connection: Any, module: torch.nn.Module, data: FederatedDatase
                     client_id=client_id,
                 )
                 updates[slot].copy_(result.update)
-                connection.send((client_id, result.num_samples, result.num_steps, result.train_loss, None))
+                reply = (client_id, result.num_samples, result.num_steps, result.train_loss, None)
             except Exception:  # reported in the parent, which raises
-                connection.send((client_id, 0, 0, 0.0, traceback.format_exc()))
+                reply = (client_id, 0, 0, 0.0, traceback.format_exc())
+            try:
+                connection.send(reply)
+            except OSError:  # BrokenPipeError: the parent is gone
+                return
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform reports it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class MultiprocessBackend:
-    """Train the round's clients in ``workers`` processes (default: every core), ``threads`` each."""
+    """Train the round's clients in ``workers`` processes, ``threads`` intra-op threads each.
+
+    ``workers`` defaults to, and is capped at, ``cores // threads`` (at least 1), and each round
+    starts no more workers than it has clients.
+
+    Raises:
+        ValueError: ``workers`` or ``threads`` below 1, a model not on the CPU, an unknown start
+            method, or ``start_method = "fork"`` with ``threads > 1`` (one line each).
+    """
 
     def __init__(
         self,
@@ -78,18 +142,22 @@ class MultiprocessBackend:
         threads: int = 1,
         start_method: str | None = None,
     ) -> None:
-        workers = workers or os.cpu_count() or 1
-        if workers < 1:
+        if workers is not None and workers < 1:
             raise ValueError(f"backend option workers must be ≥ 1, got {workers}")
         if threads < 1:
             raise ValueError(f"backend option threads must be ≥ 1, got {threads}")
+        cores = max(1, available_cores() // threads)
+        workers = min(workers or cores, cores)  # more processes than cores only time-share them
         if model.params.device.type != "cpu":
             raise ValueError("the multiprocess backend trains on CPU; use backend 'sequential' or 'vectorized' "
                              f"on {model.params.device}")
         methods = multiprocessing.get_all_start_methods()
-        start_method = start_method or ("fork" if "fork" in methods else "spawn")
+        start_method = start_method or ("fork" if "fork" in methods and threads == 1 else "spawn")
         if start_method not in methods:
             raise ValueError(f"backend option start_method must be one of {', '.join(methods)}, got {start_method!r}")
+        if start_method == "fork" and threads > 1:
+            raise ValueError(f"backend option threads = {threads} needs start_method 'spawn' or 'forkserver' "
+                             "(forked workers hang in OpenMP once the parent has used several threads)")
         self.model, self.data, self.settings, self.seed = model, data, settings, seed
         self.workers, self.threads, self.start_method = workers, threads, start_method
         self._shared = torch.zeros(model.numel, dtype=model.params.dtype).share_memory_()
@@ -105,12 +173,14 @@ class MultiprocessBackend:
         self._slots = torch.zeros(2, clients_per_round, self.model.numel, dtype=self.model.params.dtype)
         self._slots.share_memory_()
         context = tmp.get_context(self.start_method)
-        for _ in range(self.workers):
+        for _ in range(min(self.workers, clients_per_round)):
             parent_end, child_end = context.Pipe()
+            # a forked worker inherits every parent end made so far (its own included): it closes them
+            inherited = [parent_end, *(end for _, end in self._workers)] if self.start_method == "fork" else []
             process = context.Process(
                 target=_worker_main,
                 args=(child_end, self.model.module, self.data, self.settings, self.seed, self._shared, self._slots,
-                      self.threads),
+                      self.threads, os.getpid(), inherited),
                 daemon=True,
             )
             process.start()
