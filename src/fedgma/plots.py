@@ -1,4 +1,4 @@
-"""Pictures of a partition: a clients × classes heat-map of label counts and a histogram of client sizes.
+"""Pictures of a partition: a clients × classes heat-map of class fractions and a histogram of client sizes.
 
 Both read the statistics :func:`fedgma.data.federated.build_federated` records (the
 ``partition.json`` of a run folder: ``sizes``, ``label_counts``, ``dataset``, ``partition`` and,
@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CLASS_NAMES",
+    "class_fractions",
+    "class_names",
+    "client_order",
     "client_size_histogram",
     "partition_heatmap",
     "partition_summary",
     "partition_table",
+    "partition_title",
     "write_partition_files",
 ]
 
@@ -40,69 +45,190 @@ def _setting(statistics: dict[str, Any]) -> str:
     return f"{statistics.get('dataset', 'data')}, {statistics.get('partition', 'partition')}"
 
 
-def partition_heatmap(statistics: dict[str, Any], path: str | Path) -> Path:
-    """Save a heat-map of ``label_counts`` (rows: clients, columns: classes) with a colour bar to ``path``."""
-    plt = _pyplot()
+#: Class names of the built-in datasets (index order); other datasets show class indices, or the
+#: ``class_names`` a partition's statistics carry.
+CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+def class_names(statistics: dict[str, Any], classes: int) -> list[str]:
+    """Names of the ``classes`` columns: ``statistics["class_names"]``, the dataset's own, or the indices."""
+    names = statistics.get("class_names") or CLASS_NAMES.get(str(statistics.get("dataset", "")).lower())
+    return [str(n) for n in names] if names and len(names) == classes else [str(c) for c in range(classes)]
+
+
+def partition_title(statistics: dict[str, Any], options: dict[str, Any] | None = None) -> str:
+    """``"fashion-mnist, dirichlet(alpha=0.1, min_size=10)"``: the dataset and the partition with its options
+    (``options``, else ``statistics["partition_options"]``)."""
+    options = options if options is not None else statistics.get("partition_options") or {}
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+                      if v is not None)
+    partition = f"{statistics.get('partition', 'partition')}" + (f"({shown})" if shown else "")
+    return f"{statistics.get('dataset', 'data')}, {partition}"
+
+
+def _options_from_run(out_dir: Path) -> dict[str, Any] | None:
+    """The partition options of the run folder ``out_dir`` (its config.toml), if it has one."""
+    config = out_dir / "config.toml"
+    if not config.is_file():
+        return None
+    try:
+        import tomllib
+
+        from fedgma.report.runs import read_config
+
+        table = read_config(tomllib.loads(config.read_text()), out_dir).get("data", {}).get("partition", {})
+    except Exception:  # a title detail: never fail a run over it
+        return None
+    return {k: v for k, v in table.items() if k != "name"} if isinstance(table, dict) else None
+
+
+def client_order(counts: np.ndarray, domains: list[Any] | None = None) -> np.ndarray:
+    """Clients sorted for display: by domain (if any), then by their largest class, then by that class's
+    share (largest first), so clients of similar label mixes sit together. Returns indices [clients]."""
+    sizes = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, sizes, out=np.zeros_like(counts, dtype=float), where=sizes > 0)
+    top = share.argmax(axis=1)
+    keys: list[Any] = [-share.max(axis=1), top]
+    if domains is not None:
+        first_seen = {d: i for i, d in reversed(list(enumerate(str(d) for d in domains)))}
+        keys.append(np.asarray([first_seen[str(d)] for d in domains]))  # domains in order of first client
+    return np.lexsort(keys)
+
+
+def class_fractions(statistics: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(fractions [clients, classes] float64, order [clients])``: each client's share of its records per
+    class (rows sum to 1; an empty client is all 0), rows already in display order (:func:`client_order`).
+
+    Raises:
+        ValueError: ``label_counts`` is not a non-empty [clients, classes] table.
+    """
     counts = np.asarray(statistics["label_counts"], dtype=float)
     if counts.ndim != 2 or counts.size == 0:
         raise ValueError(f"label_counts must be a non-empty [clients, classes] table, got shape {counts.shape}")
-    clients, classes = counts.shape
-    height = min(9.0, 2.5 + 0.12 * clients)
-    width = min(14.0, 3.5 + 0.35 * classes)
-    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
-    image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="records")
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
-    if classes <= 20:
-        ax.set_xticks(range(classes))
     domains = statistics.get("domain_of_client")
-    if clients <= 30:
-        ax.set_yticks(range(clients))
-        if domains and len(domains) == clients:
-            ax.set_yticklabels([f"{i} ({d})" for i, d in enumerate(domains)], fontsize=7)
+    order = client_order(counts, domains if domains and len(domains) == len(counts) else None)
+    sizes = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, sizes, out=np.zeros_like(counts), where=sizes > 0)[order], order
+
+
+def partition_heatmap(statistics: dict[str, Any], path: str | Path, options: dict[str, Any] | None = None) -> Path:
+    """Save a heat-map of each client's class fractions to ``path`` (PNG).
+
+    Rows are clients (sorted by :func:`client_order`; a strip on the left marks each client's domain
+    under feature skew), columns are classes (named, :func:`class_names`), and a cell is the fraction of
+    that client's records in that class, so every row sums to 1 and the colour scale is fixed to [0, 1]
+    (an IID split looks uniform whatever the client sizes). The title names the dataset and the
+    partition with its ``options``. Readable up to thousands of clients (row labels only up to 40).
+
+    Raises:
+        ValueError: ``label_counts`` is not a non-empty [clients, classes] table.
+    """
+    share, order = class_fractions(statistics)
+    plt = _pyplot()
+    clients, classes = share.shape
+    domains = statistics.get("domain_of_client")
+    domains = domains if domains and len(domains) == clients else None
+    names = class_names(statistics, classes)
+    longest = max(len(n) for n in names)
+    height = min(10.0, 2.6 + (0.22 * clients if clients <= 40 else 6.0))
+    width = min(16.0, 4.0 + 0.45 * classes + (1.0 if domains else 0.0))
+    fig = plt.figure(figsize=(width, height + 0.06 * longest), layout="constrained")
+    if domains:
+        strip_ax, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3 * classes]}, sharey=True)
+    else:
+        ax, strip_ax = fig.subplots(), None
+    image = ax.imshow(share, aspect="auto", interpolation="nearest" if clients <= 400 else "antialiased",
+                      cmap="viridis", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="fraction of the client's records", fraction=0.05, pad=0.02)
+    ax.set_xticks(range(classes), names, rotation=45 if longest > 3 else 0, ha="right" if longest > 3 else "center",
+                  fontsize=8 if classes <= 20 else 6)
+    if classes > 40:
+        ax.set_xticks(range(0, classes, max(1, classes // 20)))
+    ax.set_xlabel("class")
+    label = "client (sorted by " + ("domain, then " if domains else "") + "largest class)"
+    target = strip_ax if strip_ax is not None else ax
+    if clients <= 40:
+        target.set_yticks(range(clients), [str(i) for i in order], fontsize=7)
+    target.set_ylabel(label + ("" if clients <= 40 else f"; {clients} clients"))
+    if strip_ax is not None:
+        values = [str(d) for d in domains]
+        kinds = list(dict.fromkeys(values[i] for i in order))
+        index = np.array([kinds.index(values[i]) for i in order])[:, None]
+        strip_ax.imshow(index, aspect="auto", interpolation="nearest", cmap="tab20", vmin=0, vmax=19)
+        strip_ax.set_xticks([0], ["domain"], fontsize=8)
+        for k, kind in enumerate(kinds):
+            rows = np.flatnonzero(index[:, 0] == k)
+            strip_ax.text(0, rows.mean(), kind, rotation=90, ha="center", va="center", fontsize=7, color="black",
+                          clip_on=True)
     entropy = statistics.get("mean_entropy")
-    subtitle = f"; mean label entropy {entropy:.2f} nats" if entropy is not None else ""
-    ax.set_title(f"Label counts per client ({_setting(statistics)}){subtitle}", fontsize=10)
+    detail = f"; mean label entropy {entropy:.2f} nats (IID: {np.log(classes):.2f})" if entropy is not None else ""
+    fig.suptitle(f"Class fractions per client: {partition_title(statistics, options)}\n"
+                 f"{clients} clients, {classes} classes{detail}", fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def client_size_histogram(statistics: dict[str, Any], path: str | Path) -> Path:
-    """Save a histogram of the clients' record counts (``sizes``) to ``path``."""
+def client_size_histogram(statistics: dict[str, Any], path: str | Path, options: dict[str, Any] | None = None
+                          ) -> Path:
+    """Save a histogram of the clients' training-record counts (``sizes``) to ``path`` (PNG).
+
+    Bins are whole numbers of records; equal sizes give one bar centred on that size with a readable axis
+    (not 599.6-600.4). Raises ``ValueError`` when ``sizes`` is empty.
+    """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     sizes = np.asarray(statistics["sizes"], dtype=float)
     if sizes.size == 0:
         raise ValueError("sizes is empty: no clients to plot")
-    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    bins = min(50, max(5, int(np.sqrt(sizes.size)) * 2))
-    ax.hist(sizes, bins=bins, color="#4c72b0", edgecolor="white")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    low, high = float(sizes.min()), float(sizes.max())
+    if high - low < 1:
+        width = max(1.0, 0.05 * high)
+        ax.bar([low], [sizes.size], width=width, color="#4c72b0", edgecolor="white")
+        ax.set_xlim(low - 10 * width, low + 10 * width)
+        spread = f"all {sizes.size} clients hold {low:.0f} records"
+    else:
+        bins = min(50, max(5, int(np.sqrt(sizes.size)) * 2), int(high - low) + 1)
+        edges = np.unique(np.round(np.linspace(low, high + 1, bins + 1)))
+        ax.hist(sizes, bins=edges, color="#4c72b0", edgecolor="white")
+        cv = statistics.get("size_cv")
+        spread = (f"{sizes.size} clients: min {low:.0f}, median {np.median(sizes):.0f}, max {high:.0f}"
+                  + (f", CV {cv:.2f}" if cv is not None else ""))
+    ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("client size (training records)")
     ax.set_ylabel("clients")
-    cv = statistics.get("size_cv")
-    detail = f"; CV {cv:.2f}" if cv is not None else ""
-    ax.set_title(
-        f"Client sizes ({_setting(statistics)})\n{sizes.size} clients, "
-        f"min {sizes.min():.0f}, median {np.median(sizes):.0f}, max {sizes.max():.0f}{detail}",
-        fontsize=10,
-    )
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"Client sizes: {partition_title(statistics, options)}\n{spread}", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def write_partition_files(out_dir: str | Path, statistics: dict[str, Any], plots: bool = True) -> list[Path]:
-    """Write ``partition.json`` and (``plots``) the heat-map and size histogram PNGs into ``out_dir``."""
+def write_partition_files(out_dir: str | Path, statistics: dict[str, Any], plots: bool = True,
+                          options: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``partition.json`` and (``plots``) the heat-map and size histogram PNGs into ``out_dir``.
+
+    ``options`` are the partition's options for the titles; by default they are read from
+    ``out_dir/config.toml`` when ``out_dir`` is a run folder. Returns the paths written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "partition.json"]
     written[0].write_text(json.dumps(statistics))
     if plots and statistics.get("label_counts") and statistics.get("sizes"):
-        written.append(partition_heatmap(statistics, out / HEATMAP))
-        written.append(client_size_histogram(statistics, out / HISTOGRAM))
+        options = options if options is not None else _options_from_run(out)
+        written.append(partition_heatmap(statistics, out / HEATMAP, options))
+        written.append(client_size_histogram(statistics, out / HISTOGRAM, options))
     return written
 
 
