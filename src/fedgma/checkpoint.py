@@ -65,8 +65,10 @@ class RunFolderError(ValueError):
     """A file of a run folder (``summary.json``, ``final_model.pt``, a log) is unreadable; the message names it."""
 
 
-class FolderInUseError(RuntimeError):
-    """Another process holds the folder's lock (a run or sweep writing there); the message names the folder."""
+class FolderInUseError(OSError):
+    """Another process holds the folder's lock (a run or sweep writing there); the message names the folder.
+
+    An ``OSError`` (like the ``BlockingIOError`` of the lock it reports), so the CLI prints it as one line."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -221,8 +223,9 @@ def final_files_problem(run_dir: str | Path) -> str | None:
 def lock_folder(folder: str | Path, what: str = "run") -> Iterator[None]:
     """Hold an exclusive advisory lock on ``folder`` (file ``.lock`` inside, created with the folder).
 
-    Raises :class:`FolderInUseError` at once, naming the folder and the holder's pid, when another
-    process holds it. The lock goes with the process (closing the file or dying releases it).
+    ``.lock`` holds ``"<pid> <what>"`` of the holder. Raises :class:`FolderInUseError` at once, naming
+    the folder, what holds it (``run``, ``sweep``) and its pid, when another process or open file holds it.
+    The lock goes with the process (closing the file or dying releases it).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -232,13 +235,14 @@ def lock_folder(folder: str | Path, what: str = "run") -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            pid, _, holder = handle.read().strip().partition(" ")
             raise FolderInUseError(
-                f"{folder} is in use by another fedgma {what} (pid {holder}); wait for it to end or use another --out"
+                f"{folder} is in use by another fedgma {holder or 'process'} (pid {pid or 'unknown'}); "
+                "wait for it to end or use another --out"
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"{os.getpid()} {what}")
         handle.flush()
         yield
     finally:

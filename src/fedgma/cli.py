@@ -51,7 +51,7 @@ def _safe_name(name: str) -> str:
     """``name`` as one harmless folder name: path separators, ``..`` and other odd characters become ``-``."""
     import re
 
-    return re.sub(r"[^A-Za-z0-9_.=+-]+|\.{2,}", "-", name).strip(".-") or "run"
+    return re.sub(r"(?:[^A-Za-z0-9_.=+-]|\.{2,})+", "-", name).strip(".-") or "run"
 
 
 def _default_run_dir(config: Any) -> Path:
