@@ -292,3 +292,60 @@ def test_colored_environments_test_in_and_out_of_distribution():
     # the same images and labels, only the colours differ
     assert torch.equal(data.test.y, reversed_env.y)
     assert torch.equal(data.test.x.sum(dim=1), reversed_env.x.sum(dim=1))
+
+
+# ---------------------------------------------------------------- issue 13: no evaluation over zero records
+
+
+def test_a_csv_with_test_fraction_zero_is_refused_at_build_time(tmp_path):
+    (tmp_path / "r.csv").write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    cfg = data_config("data.dataset=csv", f"data.dataset.path='{tmp_path / 'r.csv'}'", "data.dataset.test_fraction=0",
+                      "data.num_clients=2")
+    with pytest.raises(DatasetError) as error:
+        build_federated(cfg, seed=0)
+    assert str(error.value) == (
+        f"{tmp_path / 'r.csv'}: test_fraction = 0 holds out no test records; set data.dataset.test_fraction > 0 "
+        "(e.g. 0.2) or give a separate test set"
+    )
+
+
+def test_every_evaluation_set_must_hold_records(monkeypatch):
+    import dataclasses
+
+    from fedgma.data import federated
+
+    empty_test = dataclasses.replace(DIGITS, test=DIGITS.test.subset(np.array([], dtype=np.int64)))
+    monkeypatch.setattr(federated, "load_cached", lambda *args: empty_test)
+    with pytest.raises(ValueError) as error:
+        build_federated(data_config(), seed=0)
+    assert str(error.value) == (
+        "config key 'data.dataset': data set 'digits' has no test records, so test accuracy and loss would be "
+        "computed over nothing; give it test records (a user file: data.dataset.test_fraction > 0, or a test file "
+        "or x_test with records)"
+    )
+
+
+def test_a_validation_fraction_that_takes_nothing_is_refused():
+    data = build_federated(data_config("data.partition=iid", "data.train_subset=24"), seed=0)  # 6 clients of 4
+    assert [len(c) for c in data.clients] == [4] * 6
+    with pytest.raises(ValueError) as error:
+        hold_out_validation(data, 0.1, seed=0)
+    assert str(error.value) == (
+        "data.validation_fraction = 0.1 takes no record from any client (round(fraction × size) is 0 for every "
+        "client; the largest holds 4), so validation would be computed over nothing; raise it to 0.126 or more, "
+        "or set it to 0"
+    )
+    assert len(hold_out_validation(data, 0.126, seed=0).extra_tests["validation"]) == 6
+
+
+def test_the_empty_client_hint_names_only_the_partitioners_options():
+    with pytest.raises(ValueError) as error:
+        build_federated(data_config("data.partition=iid", "data.train_subset=5"), seed=0)  # 6 clients, 5 records
+    assert str(error.value) == (
+        "partition 'iid' left 1 client(s) with no data (e.g. client 5); lower data.num_clients (now 6, for 5 "
+        "training records)"
+    )
+    with pytest.raises(ValueError, match=r"^shards: class \d has \d record\(s\) but \d+ of the 30 clients") as error:
+        build_federated(data_config("data.partition=shards", "data.num_clients=30", "data.train_subset=40",
+                                    "data.partition.classes_per_client=1"), seed=0)
+    assert "min_size" not in str(error.value)

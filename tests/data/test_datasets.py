@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -214,8 +217,8 @@ def test_npz_separate_test_arrays_and_relative_path(tmp_path):
     ("arrays", "message"),
     [
         ({"x": np.zeros((3, 2))}, "lacks array.*y"),
-        ({"x": np.zeros((3, 2)), "y": [0.5, 1, 2]}, "integer class labels"),
-        ({"x": np.zeros((3, 2)), "y": [0, -1, 2]}, "must be ≥ 0"),
+        ({"x": np.zeros((3, 2)), "y": [0.5, 1, 2]}, r"y record 0 is 0.5, not an integer class label"),
+        ({"x": np.zeros((3, 2)), "y": [0, -1, 2]}, r"y record 1 is -1; labels must be class indices in \[0, 100000\)"),
         ({"x": np.zeros((3, 2)), "y": [0, 1]}, "must be 3 labels"),
         ({"x": np.array([[0, np.nan], [1, 1], [2, 2]]), "y": [0, 1, 2]}, "non-finite"),
         ({"x": np.zeros(3), "y": [0, 1, 2]}, r"\[N, features...\]"),
@@ -274,10 +277,10 @@ def test_csv_default_columns_and_test_path(tmp_path):
     ("text", "options", "message"),
     [
         ("a,label\n1,0\n2,x\n3,1\n", {"num_classes": 2}, r"labels must lie in \[0, 1\]"),
-        ("a,label\n1,0\nq,1\n", {}, r"column 'a' row 2 is not a number: 'q'"),
-        ("a,label\n1,0\n2\n", {}, r"line 3: 1 fields, header has 2 \(truncated file\?\)"),
+        ("a,label\n1,0\nq,1\n", {}, r"column 'a' line 3 is not a number: 'q'"),
+        ("a,label\n1,0\n2\n", {}, r"line 3: 1 fields, the header has 2 \(a missing delimiter, or a truncated file\?\)"),
         ("a,b\n1,0\n", {}, r"no column 'label'; columns are a, b"),
-        ("a,label\n1,0.5\n", {}, "integer class labels"),
+        ("a,label\n1,0.5\n", {}, r"column 'label' line 2 is '0.5'; labels must be class indices in \[0, 100,000\)"),
         ("", {}, "is empty"),
     ],
 )
@@ -285,7 +288,7 @@ def test_csv_errors(tmp_path, text, options, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(DatasetError, match=message):
-        load_dataset("csv", path=str(path), test_fraction=0.0, **options)
+        load_dataset("csv", path=str(path), test_fraction=0.5, **options)
 
 
 def test_parquet(tmp_path):
@@ -352,4 +355,169 @@ def test_femnist_errors(tmp_path, femnist_dir):
     content["user_data"]["f0001_1"]["y"][0] = 70
     train_file.write_text(json.dumps(content))
     with pytest.raises(DatasetError, match=r"labels must lie in \[0, 61\], found 70"):
+        load_dataset("femnist", data_dir=str(femnist_dir))
+
+
+# ---------------------------------------------------------------- issue 13: user files through well-kept readers
+
+
+def test_csv_spreadsheet_exports_read_like_plain_files(tmp_path):
+    """A UTF-8 BOM, CRLF, quoted fields (a delimiter and a line break inside) and trailing blank lines all work."""
+    path = tmp_path / "export.csv"
+    path.write_bytes(
+        b'\xef\xbb\xbff1,"f, 2",label,client_id\r\n1,"2",0,a\r\n3,4,"1",a\r\n5,6,0,"b"\r\n,,,\r\n7,8,1,b\r\n\r\n\r\n'
+    )
+    splits = load_dataset("csv", path=str(path), test_path=str(path))
+    assert splits.metadata["features"] == ["f1", "f, 2"] and splits.metadata["client_column"] == "client_id"
+    assert splits.train.x.tolist() == [[1, 2], [3, 4], [5, 6], [7, 8]] and splits.train.y.tolist() == [0, 1, 0, 1]
+    assert splits.train_client_ids.tolist() == ["a", "a", "b", "b"] and len(splits.test) == 4
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('note,a,label\n"two\nlines",1,0\nplain,2,1\n', newline="")
+    splits = load_dataset("csv", path=str(quoted), feature_columns=["a"], test_path=str(quoted))
+    assert splits.train.x.tolist() == [[1], [2]]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,label\n1,0\n1e39,1\n", r"column 'a' line 3 is '1e39'; values must be finite numbers within ±1e\+15"),
+        ("a,label\n1,0\nNaN,1\n", r"column 'a' line 3 is 'NaN'"),
+        ("a,label\n1,0\n-Infinity,1\n", r"column 'a' line 3 is '-Infinity'"),
+        ("a,label\n1,0\n2,1000000000\n", r"column 'label' line 3 is '1000000000'; labels must be class indices in "
+         r"\[0, 100,000\)"),
+        ("a,label\n1,0\n2,nan\n", r"column 'label' line 3 is 'nan'"),
+        ("a,label\n1,0\n2,99\n", r"labels go up to 99 but there are only 4 records.*set num_classes = 100"),
+        ("a,label,client_id\n1,0,x\n2,1,\n", r"client_id of record 1 is missing \(\); every record needs a client id"),
+        ("label\n0\n1\n", r"no feature columns besides 'label'"),
+        ("a,label\n", r"no training records \(a header-only or empty file\?\)"),
+    ],
+)
+def test_csv_refuses_absurd_and_degenerate_values_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(path))}: {message}"):
+        load_dataset("csv", path=str(path), test_path=str(path))
+
+
+def test_a_header_only_test_file_or_test_fraction_zero_is_refused(tmp_path):
+    write_csv(tmp_path / "train.csv", ["a", "label"], [[1, 0], [2, 1], [3, 0], [4, 1]])
+    write_csv(tmp_path / "test.csv", ["a", "label"], [])
+    with pytest.raises(DatasetError) as error:
+        load_dataset("csv", data_dir=str(tmp_path), path="train.csv", test_path="test.csv")
+    assert str(error.value) == (
+        f"{tmp_path / 'train.csv'}: the test set has no records; give test records (x_test / y_test, or a "
+        "test_path file)"
+    )
+    with pytest.raises(DatasetError) as error:
+        load_dataset("csv", data_dir=str(tmp_path), path="train.csv", test_fraction=0)
+    assert str(error.value) == (
+        f"{tmp_path / 'train.csv'}: test_fraction = 0 holds out no test records; set data.dataset.test_fraction > 0 "
+        "(e.g. 0.2) or give a separate test set"
+    )
+    np.savez(tmp_path / "few.npz", x=np.zeros((8, 2)), y=np.arange(8) % 2, client_id=np.repeat(np.arange(4), 2))
+    with pytest.raises(DatasetError, match=r"per client, round\(test_fraction × its records\) is 0"):
+        load_dataset("npz", path=str(tmp_path / "few.npz"), test_fraction=0.2)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.array([[0, 1e39], [1, 1], [2, 2]]), "y": [0, 1, 2]},
+         r"x record 0 has the value 1e\+39, beyond ±1e\+15"),
+        ({"x": np.array([[0, 1], [1, np.inf], [2, 2]]), "y": [0, 1, 2]}, r"x record 1 has a non-finite value \(inf\)"),
+        ({"x": np.zeros((3, 0)), "y": [0, 1, 2]}, r"x has shape \(3, 0\): records with no features"),
+        ({"x": np.zeros((3, 2)) + 1j, "y": [0, 1, 2]}, r"x holds complex numbers \(dtype complex128\)"),
+        ({"x": np.zeros((3, 2)), "y": [0, 1, 10**9]}, r"y record 2 is 1000000000; labels must be class indices"),
+        ({"x": np.zeros((3, 2)), "y": [0, 1, 2], "client_id": [1.0, np.nan, 2.0]}, r"client_id of record 1 is missing"),
+        ({"x": np.zeros((3, 2)), "y": [0, 1, 2], "x_test": np.zeros((1, 2)), "y_test": [np.nan]},
+         r"y_test record 0 is nan, not an integer class label"),
+    ],
+)
+def test_npz_refuses_absurd_and_degenerate_arrays(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(path))}: {message}"):
+        load_dataset("npz", path=str(path), test_fraction=0.4)
+
+
+def _npy(array: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
+    """``array`` as .npy bytes, with its header's shape replaced by ``shape`` (a forged header)."""
+    header = np.lib.format.header_data_from_array_1_0(array)
+    if shape is not None:
+        header["shape"] = shape
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue() + array.tobytes()
+
+
+def test_npz_header_claiming_1e11_rows_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", _npy(np.zeros((4, 3), np.float32), (10**11, 3)))
+        archive.writestr("y.npy", _npy(np.zeros(4, np.int64)))
+    with pytest.raises(DatasetError) as error:
+        load_dataset("npz", path=str(path))
+    assert str(error.value) == (
+        f"{path}: array 'x': its header claims shape (100000000000, 3) of float32 (1,200,000,000,000 bytes) but the "
+        "archive holds 48; the file is corrupt or forged"
+    )
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:  # honest, but 4 TB of zeros
+        archive.writestr("x.npy", _npy(np.zeros((4, 3), np.float32)))
+        archive.writestr("y.npy", _npy(np.zeros(4, np.int64)))
+    raw = bytearray(path.read_bytes())  # forge the central directory's uncompressed size of x.npy
+    at = raw.find(b"PK\x01\x02")  # the first central-directory entry: x.npy
+    raw[at + 24 : at + 28] = (2**32 - 1).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match=r"array 'x' claims 4,294,967,295 bytes from \d+ stored; .*forged"):
+        load_dataset("npz", path=str(path))
+
+
+def test_npz_arrays_larger_than_memory_are_refused(tmp_path, monkeypatch):
+    from fedgma.data import records
+
+    path = tmp_path / "big.npz"
+    np.savez(path, x=np.zeros((100, 10), np.float32), y=np.arange(100) % 2)
+    monkeypatch.setattr(records, "memory_limit", lambda: 4000)
+    with pytest.raises(DatasetError) as error:
+        load_dataset("npz", path=str(path))
+    assert str(error.value).startswith(f"{path}: its arrays would need 0.0 GiB, more than this machine's 0.0 GiB")
+
+
+def test_idx_header_is_checked_before_reading(tmp_path, monkeypatch):
+    from fedgma.data import records
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + (10**5).to_bytes(4, "big") + bytes([0, 0, 0, 28]) * 2))
+    with pytest.raises(DatasetError, match=r"header says 78400016 bytes, file has 16$"):
+        read_idx(path)
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + (10**9).to_bytes(4, "big") + bytes([0, 0, 0, 28]) * 2))
+    monkeypatch.setattr(records, "memory_limit", lambda: 10**6)
+    with pytest.raises(DatasetError, match=r"its header's shape \(1000000000, 28, 28\) would need 730.2 GiB"):
+        read_idx(path)
+    raw = bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes(10)  # more bytes than the header says
+    path.write_bytes(gzip.compress(raw))
+    with pytest.raises(DatasetError, match=r"header says 11 bytes, file has 12 or more"):
+        read_idx(path)
+
+
+def test_femnist_refuses_non_finite_pixels_and_duplicate_users(femnist_dir):
+    train_file = next((femnist_dir / "train").glob("*.json"))
+    original = json.loads(train_file.read_text())
+    marked = json.loads(json.dumps(original))
+    marked["user_data"]["f0001_1"]["x"][2][5] = 0.123456789  # a unique value, replaced by the bad one in the text
+    for bad, message in (
+        ("NaN", r"x record 2 has a non-finite value \(nan\); inputs must be finite"),
+        ("Infinity", r"x record 2 has a non-finite value \(inf\); inputs must be finite"),
+        ("1e39", r"x record 2 has the value 1e\+39, beyond ±1e\+15"),
+    ):
+        train_file.write_text(json.dumps(marked).replace("0.123456789", bad))
+        with pytest.raises(DatasetError, match=f"^{re.escape(str(train_file))} user 'f0001_1': {message}"):
+            load_dataset("femnist", data_dir=str(femnist_dir))
+    twice = {**original, "users": original["users"] + ["f0000_0"], "num_samples": original["num_samples"] + [5]}
+    train_file.write_text(json.dumps(twice))
+    with pytest.raises(DatasetError, match=r"user 'f0000_0' appears twice \(also in .*\.json\); LEAF users are unique"):
+        load_dataset("femnist", data_dir=str(femnist_dir))
+    train_file.write_text(json.dumps(original))
+    (femnist_dir / "train" / "copy.json").write_text(json.dumps(original))
+    with pytest.raises(DatasetError, match=rf"copy.json: user 'f0000_0' appears twice \(also in {train_file.name}\)"):
         load_dataset("femnist", data_dir=str(femnist_dir))

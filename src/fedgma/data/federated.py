@@ -235,6 +235,7 @@ def build_federated(data: Any, seed: int) -> FederatedDataset:
             client = ArrayDataset(torch.cat([client.x, own.x]), torch.cat([client.y, own.y]))
         held.append(client)
 
+    _check_evaluation_sets(splits.name, test, extra, held, holdout_ids)
     num_classes = splits.num_classes
     stats = partition.partition_stats(labels, [parts[i] for i in training], num_classes).as_dict()
     statistics.update(stats)
@@ -263,6 +264,35 @@ def build_federated(data: Any, seed: int) -> FederatedDataset:
     )
 
 
+def _check_evaluation_sets(
+    dataset: str, test: ArrayDataset, extra: dict[str, ArrayDataset], held: list[ArrayDataset], held_ids: np.ndarray
+) -> None:
+    """ValueError, one line saying how to fix it, when an evaluation set has no records.
+
+    An accuracy and a loss over zero records would be reported as 0.0 and the run would look fine;
+    every set the simulator evaluates (the test set, each extra test set, each held-out client)
+    must hold at least one record.
+    """
+    if len(test) == 0:
+        raise ValueError(
+            f"config key 'data.dataset': data set {dataset!r} has no test records, so test accuracy and loss would "
+            "be computed over nothing; give it test records (a user file: data.dataset.test_fraction > 0, or a "
+            "test file or x_test with records)"
+        )
+    for key, evaluation in extra.items():
+        if len(evaluation) == 0:
+            raise ValueError(
+                f"config key 'data.domains': the evaluation set {key!r} of data set {dataset!r} has no records "
+                f"(the test set has {len(test)}); use a larger test set (data.test_subset) or fewer test domains"
+            )
+    for client, data in zip(held_ids.tolist(), held, strict=True):
+        if len(data) == 0:
+            raise ValueError(
+                f"config key 'data.holdout_clients': held-out client {int(client)} has no records; "
+                "lower data.holdout_clients or data.num_clients"
+            )
+
+
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -280,6 +310,10 @@ def hold_out_validation(data: FederatedDataset, fraction: float, seed: int) -> F
     any per-client feature transform, makes the validation set follow the clients' own mixture of
     labels and domains in every setting (label skew, quantity skew, rotated or coloured domains).
     Each client keeps at least one record. ``fraction = 0`` returns ``data`` unchanged.
+
+    Raises ValueError (one line) for a fraction outside [0, 1), or one that takes no record at all
+    (every client smaller than 1 / (2·fraction) records), since validation over zero records would
+    report 0.0.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
@@ -291,6 +325,17 @@ def hold_out_validation(data: FederatedDataset, fraction: float, seed: int) -> F
         cut = min(int(round(fraction * len(client))), len(client) - 1)
         held.append(client.subset(order[:cut]))
         clients.append(client.subset(order[cut:]))
+    if sum(len(h) for h in held) == 0:
+        largest = max(len(c) for c in data.clients)
+        fix = (
+            f"raise it to {0.505 / largest:.3g} or more, or set it to 0"
+            if largest > 1
+            else "every client holds one record and keeps it; set it to 0"
+        )
+        raise ValueError(
+            f"data.validation_fraction = {fraction:g} takes no record from any client (round(fraction × size) is 0 "
+            f"for every client; the largest holds {largest}), so validation would be computed over nothing; {fix}"
+        )
     validation = ArrayDataset(torch.cat([h.x for h in held]), torch.cat([h.y for h in held]))
     statistics = {**data.statistics, "validation_size": len(validation), "sizes": [len(c) for c in clients]}
     return dataclasses.replace(

@@ -10,7 +10,7 @@ import torch
 
 from fedgma.data.arrays import ArrayDataset, DatasetSplits
 from fedgma.data.datasets import DatasetError
-from fedgma.data.records import check_labels
+from fedgma.data.records import check_features, check_labels
 from fedgma.registry import DATASETS, NoOptions
 
 __all__ = ["load_femnist"]
@@ -22,7 +22,16 @@ _FEMNIST_HINT = (
 )
 
 
-def _read_leaf_json(file: Path) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+def _read_leaf_json(
+    file: Path, seen: dict[str, str] | None = None
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """One LEAF JSON file's users, their inputs float32 [n, 784] and labels int64 [n].
+
+    ``seen`` maps the users read so far (of this split) to their file; a user met again, an empty
+    name, a non-finite or absurd pixel (NaN, Infinity, 1e39), a label outside [0, 100,000) or
+    counts that disagree are a DatasetError naming the file, the user and the record.
+    """
+    seen = {} if seen is None else seen
     try:
         content = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -38,8 +47,13 @@ def _read_leaf_json(file: Path) -> tuple[list[str], list[np.ndarray], list[np.nd
         record = data.get(user)
         if not isinstance(record, dict) or "x" not in record or "y" not in record:
             raise DatasetError(f"{file}: user {user!r} has no 'x' and 'y' in user_data")
+        if not isinstance(user, str) or not user.strip():
+            raise DatasetError(f"{file}: users must be non-empty names, found {user!r}")
+        if user in seen:
+            raise DatasetError(f"{file}: user {user!r} appears twice (also in {seen[user]}); LEAF users are unique")
+        seen[user] = file.name
         try:
-            x = np.asarray(record["x"], dtype=np.float32)
+            x = np.asarray(record["x"], dtype=np.float64)
             y = np.asarray(record["y"])
         except (TypeError, ValueError) as error:
             raise DatasetError(f"{file}: user {user!r} has malformed x or y: {error}") from None
@@ -47,6 +61,7 @@ def _read_leaf_json(file: Path) -> tuple[list[str], list[np.ndarray], list[np.nd
             raise DatasetError(f"{file}: user {user!r} needs x of [n, 784] and n labels, got {x.shape} and {y.shape}")
         if count is not None and count != len(y):
             raise DatasetError(f"{file}: user {user!r} has num_samples {count} but {len(y)} records")
+        x = check_features(x, f"{file} user {user!r}")  # NaN, Infinity, 1e39: refused naming the record
         xs.append(x)
         ys.append(check_labels(y, f"{file} user {user!r}", len(x)))
     return [str(u) for u in users], xs, ys
@@ -76,8 +91,9 @@ def load_femnist(data_dir: str | None = None, download: bool = False) -> Dataset
         if not files:
             raise DatasetError(f"femnist: {root / folder} holds no .json files; {_FEMNIST_HINT}")
         xs, ys, ids = [], [], []
+        seen: dict[str, str] = {}
         for file in files:
-            users, user_x, user_y = _read_leaf_json(file)
+            users, user_x, user_y = _read_leaf_json(file, seen)
             xs += user_x
             ys += user_y
             ids += [np.full(len(y), u, dtype=object) for u, y in zip(users, user_y, strict=True)]

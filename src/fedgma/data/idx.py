@@ -16,6 +16,7 @@ import torch
 from fedgma.data.arrays import ArrayDataset, DatasetSplits
 from fedgma.data.datasets import DatasetError
 from fedgma.data.fetch import download as fetch
+from fedgma.data.records import check_allocation
 from fedgma.registry import DATASETS, NoOptions
 
 __all__ = ["load_idx_dataset", "read_idx"]
@@ -24,26 +25,37 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), checking its header against its length."""
+    """Read an IDX file (optionally gzipped), checking its header against its length.
+
+    The header is read first and the data read only up to the size it claims, so a forged header
+    or a decompression bomb cannot allocate more than the header says, and a header claiming more
+    than the machine's memory is refused before reading. Raises DatasetError naming the file.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read()
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+                raise DatasetError(f"{path} is not an IDX file (bad magic number)")
+            ndim = magic[3]
+            dims = handle.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DatasetError(f"{path} is truncated: header needs {4 + 4 * ndim} bytes, file has fewer")
+            shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+            dtype = np.dtype(_IDX_DTYPES[magic[2]])
+            size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            check_allocation(size, str(path), f"its header's shape {shape}")
+            raw = handle.read(size + 1)
     except (OSError, EOFError) as error:
         raise DatasetError(f"cannot read IDX file {path}: {error}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DatasetError(f"{path} is not an IDX file (bad magic number)")
-    ndim = raw[3]
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path} is truncated: header needs {header} bytes, file has {len(raw)}")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DatasetError(f"{path} is truncated or corrupt: header says {expected} bytes, file has {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    if len(raw) != size:
+        raise DatasetError(
+            f"{path} is truncated or corrupt: header says {header + size} bytes, file has "
+            f"{header + len(raw)}{' or more' if len(raw) > size else ''}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 _IDX_FILES = {

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from fedgma.data.arrays import DatasetSplits
 from fedgma.data.datasets import DatasetError
-from fedgma.data.records import assemble, resolve_path
+from fedgma.data.records import MAX_ABS_FEATURE, MAX_CLASSES, assemble, check_allocation, resolve_path
 from fedgma.registry import DATASETS, Options
 
 __all__ = [
@@ -99,6 +99,7 @@ def load_npz(
     Object arrays are refused (``allow_pickle=False``).
     """
     file = resolve_path(path, data_dir, "npz")
+    _check_npz_headers(file)
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -116,6 +117,58 @@ def load_npz(
     )
 
 
+#: Deflate's largest compression ratio is about 1032:1; a member claiming more is forged.
+_DEFLATE_MAX_RATIO = 1100
+
+
+def _check_npz_headers(file: Path) -> None:
+    """Check every array's ``.npy`` header in the archive against the bytes it holds, before any is loaded.
+
+    numpy allocates an array from its header's shape before reading the data, so a header claiming
+    10^11 rows would allocate terabytes. Each member's header must describe exactly the bytes the
+    member holds (shape × item size = member size − header size), a deflated member may not claim
+    more than deflate can expand to, and all arrays together must fit in the machine's memory.
+    Raises DatasetError naming the file and the array.
+    """
+    try:
+        archive = zipfile.ZipFile(file)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise DatasetError(f"{file} is not a readable .npz archive (truncated or corrupt?): {error}") from None
+    total = 0
+    with archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type == zipfile.ZIP_STORED:
+                forged = info.file_size != info.compress_size
+            else:
+                forged = info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 65536
+            if forged:
+                raise DatasetError(
+                    f"{file}: array {name!r} claims {info.file_size:,} bytes from {info.compress_size:,} stored; "
+                    "the archive is corrupt or forged"
+                )
+            try:
+                with archive.open(info) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                    else:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    header = handle.tell()
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                raise DatasetError(f"{file}: array {name!r} has no readable .npy header: {error}") from None
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed != info.file_size - header:
+                raise DatasetError(
+                    f"{file}: array {name!r}: its header claims shape {shape} of {dtype} ({claimed:,} bytes) but the "
+                    f"archive holds {info.file_size - header:,}; the file is corrupt or forged"
+                )
+            total += claimed
+    check_allocation(total, str(file), "its arrays")
+
+
 # --------------------------------------------------------------------------------------------
 # Tables: .csv and Parquet
 # --------------------------------------------------------------------------------------------
@@ -123,21 +176,43 @@ def load_npz(
 
 
 def _read_csv(file: Path, delimiter: str) -> dict[str, np.ndarray]:
+    """The columns of a CSV file with a header row, read by Python's :mod:`csv` module, as text arrays [N].
+
+    A UTF-8 byte-order mark (a spreadsheet's "CSV UTF-8" export), CRLF or LF line ends and quoted
+    fields (with delimiters, quotes or line breaks inside) are read as the CSV dialect defines them;
+    blank lines, and lines whose fields are all empty, are skipped wherever they are. The physical
+    line number of every record is kept in the ``_LINE`` entry for error messages. Raises
+    DatasetError naming the file (and line) for an unreadable file, an empty or duplicate header, or
+    a record whose field count differs from the header's.
+    """
     try:
-        with open(file, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle, delimiter=delimiter))
+        with open(file, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter, strict=True)
+            header = next(reader, None)
+            body, lines = [], []
+            for row in reader:
+                if all(not field.strip() for field in row):
+                    continue
+                if len(row) != len(header):
+                    raise DatasetError(
+                        f"{file} line {reader.line_num}: {len(row)} fields, the header has {len(header)} "
+                        "(a missing delimiter, or a truncated file?)"
+                    )
+                body.append(row)
+                lines.append(reader.line_num)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DatasetError(f"cannot read CSV file {file}: {error}") from None
-    if not rows:
+    if header is None or all(not h.strip() for h in header):
         raise DatasetError(f"{file} is empty: expected a header row and records")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
-    if len(set(header)) != len(header):
-        raise DatasetError(f"{file}: header has duplicate column names: {header}")
-    for number, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DatasetError(f"{file} line {number}: {len(row)} fields, header has {len(header)} (truncated file?)")
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header) or "" in header:
+        raise DatasetError(f"{file}: the header needs distinct, non-empty column names, got {header}")
     table = np.asarray(body, dtype=str).reshape(len(body), len(header))
-    return {name: table[:, i] for i, name in enumerate(header)}
+    return {**{name: table[:, i] for i, name in enumerate(header)}, _LINE: np.asarray(lines, dtype=np.int64)}
+
+
+#: Key of the line numbers :func:`_read_csv` returns next to the columns (not a column name a header can hold).
+_LINE = "\0line"
 
 
 def _read_parquet(file: Path) -> dict[str, np.ndarray]:
@@ -154,20 +229,42 @@ def _read_parquet(file: Path) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
-def _numeric(values: np.ndarray, source: str, column: str) -> np.ndarray:
-    if values.dtype.kind in "iufb":
-        return values
+def _parse(values: np.ndarray) -> np.ndarray | None:
+    """Text (or objects) [N] parsed as float64 (numpy's parser, as Python's float), or None if some are not numbers."""
     try:
         return values.astype(np.float64)
-    except ValueError:
+    except (TypeError, ValueError):
+        return None
+
+
+def _numeric(values: np.ndarray, source: str, column: str, lines: np.ndarray | None = None) -> np.ndarray:
+    """A column as numbers: finite, |v| ≤ MAX_ABS_FEATURE, real; DatasetError naming the line (or row) otherwise."""
+
+    def where(row: int) -> str:
+        return f"line {lines[row]}" if lines is not None else f"row {row + 1}"
+
+    if values.dtype.kind == "c":
+        raise DatasetError(f"{source}: column {column!r} holds complex numbers; give real values")
+    if values.dtype.kind in "iub":
+        return values
+    numbers = values if values.dtype.kind == "f" else _parse(values)
+    if numbers is None:
         for row, value in enumerate(values):
             try:
                 float(value)
             except (TypeError, ValueError):
                 raise DatasetError(
-                    f"{source}: column {column!r} row {row + 1} is not a number: {str(value)!r}"
+                    f"{source}: column {column!r} {where(row)} is not a number: {str(value)!r}"
                 ) from None
-        raise
+        raise DatasetError(f"{source}: column {column!r} is not numeric")
+    bad = ~np.isfinite(numbers) | (np.abs(numbers) > MAX_ABS_FEATURE)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(
+            f"{source}: column {column!r} {where(row)} is {str(values[row]).strip()!r}; values must be finite "
+            f"numbers within ±{MAX_ABS_FEATURE:g}"
+        )
+    return numbers
 
 
 def _table_splits(
@@ -182,6 +279,10 @@ def _table_splits(
     seed: int,
     num_classes: int | None,
 ) -> DatasetSplits:
+    lines, columns = columns.get(_LINE), {k: v for k, v in columns.items() if k != _LINE}
+    test_lines = test_columns.get(_LINE) if test_columns is not None else None
+    if test_columns is not None:
+        test_columns = {k: v for k, v in test_columns.items() if k != _LINE}
     if client_column is None and "client_id" in columns:
         client_column = "client_id"
     for column in [label_column] + ([client_column] if client_column else []) + list(feature_columns or []):
@@ -194,34 +295,41 @@ def _table_splits(
         raise DatasetError(f"{source}: no feature columns besides {label_column!r}")
     raw_labels = columns[label_column]
     classes: list | None = None
-    if raw_labels.dtype.kind in "USO":
-        try:
-            labels = _numeric(raw_labels, source, label_column)
-        except DatasetError:  # text labels: map the sorted names to 0 … C−1
-            names = [raw_labels] + ([test_columns[label_column]] if test_columns else [])
-            classes_array, _ = np.unique(np.concatenate(names).astype(str), return_inverse=True)
-            classes = classes_array.tolist()
-            labels = np.searchsorted(classes_array, raw_labels.astype(str))
-    else:
-        labels = raw_labels
+    if raw_labels.dtype.kind in "USO" and _parse(raw_labels) is None:  # text labels: sorted names to 0 … C−1
+        names = [raw_labels] + ([test_columns[label_column]] if test_columns and label_column in test_columns else [])
+        classes_array = np.unique(np.char.strip(np.concatenate(names).astype(str)))
+        if len(classes_array) > MAX_CLASSES:
+            raise DatasetError(
+                f"{source}: column {label_column!r} has {len(classes_array)} distinct text labels, more than "
+                f"{MAX_CLASSES:,} classes; is it the label column?"
+            )
+        classes = classes_array.tolist()
 
-    def pick(table: dict[str, np.ndarray], table_source: str, y: np.ndarray | None = None):
-        x = np.stack([_numeric(table[c], table_source, c) for c in features], axis=1)
-        if y is None:
-            y = table[label_column]
-            y = np.searchsorted(classes, y.astype(str)) if classes is not None else y
-            if classes is None and y.dtype.kind in "USO":
-                y = _numeric(y, table_source, label_column)
+    def pick(table: dict[str, np.ndarray], table_source: str, table_lines: np.ndarray | None):
+        x = np.stack([_numeric(table[c], table_source, c, table_lines) for c in features], axis=1)
+        y = table[label_column]
+        if classes is not None:
+            y = np.searchsorted(classes, np.char.strip(y.astype(str)))
+        elif y.dtype.kind in "USOfc":
+            y = _numeric(y, table_source, label_column, table_lines)
+        bad = (y < 0) | (y >= MAX_CLASSES) | (y != np.round(y))
+        if bad.any():  # named by line here; check_labels would name the record
+            row = int(np.flatnonzero(bad)[0])
+            where = f"line {table_lines[row]}" if table_lines is not None else f"row {row + 1}"
+            raise DatasetError(
+                f"{table_source}: column {label_column!r} {where} is {str(table[label_column][row]).strip()!r}; "
+                f"labels must be class indices in [0, {MAX_CLASSES:,}) (or text class names)"
+            )
         ids = table[client_column] if client_column else None
         return x, y, ids
 
-    x, y, ids = pick(columns, source, labels)
+    x, y, ids = pick(columns, source, lines)
     test = None
     if test_columns is not None:
         missing = [c for c in features + [label_column] if c not in test_columns]
         if missing:
             raise DatasetError(f"test file for {source} lacks column(s) {', '.join(missing)}")
-        test = pick(test_columns, f"test file for {source}")
+        test = pick(test_columns, f"test file for {source}", test_lines)
     metadata = {"features": features, "label_column": label_column, "client_column": client_column}
     if classes is not None:
         metadata["classes"] = classes
