@@ -138,8 +138,10 @@ def test_each_flower_strategy_applies_its_server_step_to_the_gma_aggregate(base,
             start += n
         list(reference.configure_train(server_round, record(theta_r), ConfigRecord(), FakeGrid()))
         arrays_r, _ = reference.aggregate_train(server_round, [reply(1, target_arrays, 1)])
-        for k in SHAPES:
-            np.testing.assert_array_equal(arrays_c[k].numpy(), arrays_r[k].numpy())
+        for k in SHAPES:  # with_gma casts Flower's float64 (FedAdam, ...) back to the model's float32
+            assert arrays_c[k].dtype == "float32"
+            np.testing.assert_array_equal(arrays_c[k].numpy(), arrays_r[k].numpy().astype(np.float32))
+        arrays_r = ArrayRecord({k: Array(arrays_r[k].numpy().astype(np.float32)) for k in SHAPES})
         theta_c = {k: v.numpy() for k, v in arrays_c.items()}
         theta_r = {k: v.numpy() for k, v in arrays_r.items()}
     assert any(not np.array_equal(theta_c[k], global_and_clients(1, seed=7)[0][k]) for k in SHAPES)
@@ -179,10 +181,10 @@ def _bad_replies(theta):
         (reply(33, dtype), "dtype float64, expected float32"),
         (reply(34, missing), "missing ['fc.bias']"),
         (reply(35, extra), "unexpected ['other']"),
-        (reply(36, good, weight=-1), "must be finite and ≥ 0"),
-        (reply(37, good, weight=float("inf")), "must be finite and ≥ 0"),
-        (reply(38, good, metrics={"loss": 1.0}), "no weight 'num-examples'"),
-        (reply(39, good, metrics={"num-examples": [1, 2]}), "must be one number"),
+        (reply(36, good, weight=-1), "weight 'num-examples' must be"),
+        (reply(37, good, weight=float("inf")), "weight 'num-examples' must be"),
+        (reply(38, good, metrics={"loss": 1.0}), "must be one finite number, got None"),
+        (reply(39, good, metrics={"num-examples": [1, 2]}), "must be one finite number"),
         (reply(40, good, error="out of memory"), "out of memory"),
     ]
 

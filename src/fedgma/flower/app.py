@@ -529,8 +529,8 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
     """
     import logging
 
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
     check_supported(config)
     if verbose is None:

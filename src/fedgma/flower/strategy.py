@@ -230,7 +230,7 @@ class Layout:
                 values = values.reshape(self.shapes[key])
             else:
                 values = integers[key]
-            arrays[key] = Array(np.ascontiguousarray(values))
+            arrays[key] = Array(np.array(values, order="C", copy=True))  # (ascontiguousarray makes 0-d arrays 1-d)
         return ArrayRecord(arrays)
 
     def narrow_limits(self) -> list[tuple[slice, float]]:
@@ -463,9 +463,10 @@ class FedgmaStrategy(FedAvg):
         for key in layout.keys:
             array = arrays[key]
             expected = layout.dtypes[key]
-            if str(array.dtype) != str(expected) or tuple(array.shape) != layout.shapes[key]:
-                raise InvalidReplyError(f"array {key!r} is {array.dtype}{tuple(array.shape)}, "
-                                        f"expected {expected}{layout.shapes[key]}")
+            if str(array.dtype) != str(expected):
+                raise InvalidReplyError(f"array {key!r} has dtype {array.dtype}, expected {expected}")
+            if tuple(array.shape) != layout.shapes[key]:
+                raise InvalidReplyError(f"array {key!r} has shape {tuple(array.shape)}, expected {layout.shapes[key]}")
             try:
                 values = np.asarray(array.numpy())
             except Exception as error:  # noqa: BLE001  (corrupt bytes: say which array)
@@ -519,6 +520,7 @@ class FedgmaStrategy(FedAvg):
                 continue
             kept[result.client_id] = RecordDict({**content.metric_records, **content.config_records})
             nodes[result.client_id] = node
+            del message, content  # not kept while the next reply is pulled: O(d) server memory
             yield result
 
     # -- aggregation ------------------------------------------------------------------------------
@@ -572,9 +574,10 @@ class FedgmaStrategy(FedAvg):
         records = [kept[r.client_id] for r in outcome.accepted]
         metrics = _call_metrics_fn(self.train_metrics_aggr_fn, records, self.weighted_by_key, "train")
         if metrics is not None:
-            for name, value in outcome.stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" not in name \
-                        and name not in ("num_clients",):
+            counts = {"num_clients": len(outcome.accepted), "num_dropped": len(self.last_round["dropped"]),
+                      "num_lost": len(self.last_round["lost"])}
+            for name, value in {**outcome.stats, **counts}.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" not in name:
                     metrics[f"{self.aggregator}-{name.replace('_', '-')}"] = value
         return self.current_arrays, metrics
 
