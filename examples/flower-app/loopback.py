@@ -92,11 +92,20 @@ def write_tls_files(directory: str | Path, days: int = 1) -> TLSFiles:
     files = TLSFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(server_key.private_bytes(
+    _write_private(files.key, server_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ))
-    files.key.chmod(0o600)
     return files
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key created with mode 0600 (never readable by others, not even for a moment)."""
+    import os
+
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def write_node_key(directory: str | Path, name: str) -> tuple[Path, Path]:
@@ -108,10 +117,9 @@ def write_node_key(directory: str | Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(
+    _write_private(private, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     ))
-    private.chmod(0o600)
     openssh = serialization.Encoding.OpenSSH
     public.write_bytes(key.public_key().public_bytes(openssh, serialization.PublicFormat.OpenSSH))
     return private, public
