@@ -53,6 +53,7 @@ from fedgma.data.federated import FederatedDataset, build_federated, hold_out_va
 from fedgma.faults import NO_REPLY, attack_update, label_flip_clients, poison_labels, round_faults
 from fedgma.models import FlatModel, build_model
 from fedgma.plots import write_partition_files
+from fedgma.progress import ProgressBar  # re-exported: simulation.ProgressBar
 from fedgma.robust import with_clipping
 from fedgma.round import BadUpdateError, ReplyPolicy, ServerState, run_round
 from fedgma.seeding import numpy_rng, torch_generator
@@ -260,7 +261,8 @@ def _run(config: Config, run_dir: Path, progress: bool, data: FederatedDataset |
     truncate_jsonl(run_dir / "rounds.jsonl", state.round)
     metrics_log = _JsonLines(run_dir / "metrics.jsonl")
     rounds_log = _JsonLines(run_dir / "rounds.jsonl")
-    bar = ProgressBar(config.rounds, progress)
+    bar = ProgressBar(config.rounds, progress,
+                      run_dir / "tensorboard" if getattr(config, "tensorboard", False) else None)
     bar.update(state.round)
     checkpoint_s = 0.0
     try:
@@ -304,6 +306,7 @@ def _run(config: Config, run_dir: Path, progress: bool, data: FederatedDataset |
                 bar.update(round_index, record)
             else:
                 bar.update(round_index)
+            bar.log_round(round_record)  # TensorBoard, when on
             rounds_log.write(round_record)  # before the checkpoint: a resume cuts the logs back to its round
             if config.checkpoint_every and (round_index % config.checkpoint_every == 0 or round_index == config.rounds):
                 checkpoint_start = time.perf_counter()
@@ -400,32 +403,3 @@ def summarize(config: Config, history: list[dict[str, Any]], total_steps: int, w
         "wall_s": wall_s,
         "status": "finished",
     }
-
-
-class ProgressBar:
-    """A rich progress bar (silent when disabled or when output is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("round"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"), transient=False,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("rounds", total=total, status="")
-
-    def update(self, round_index: int, record: dict[str, Any] | None = None) -> None:
-        if self.bar is None:
-            return
-        status = None
-        if record is not None:
-            status = f"test acc {record['test_accuracy']:.4f}  loss {record['test_loss']:.4f}"
-        self.bar.update(self.task, completed=round_index, **({"status": status} if status else {}))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
