@@ -245,6 +245,7 @@ class Config(_Section):
     engine: Literal["fedgma", "flower"] = "fedgma"  # flower: Flower's simulation engine (fedgma[flower])
     threads: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=0)  # rounds between checkpoints; 0: never
+    tensorboard: bool = False  # every metric to <run>/tensorboard too (pip install 'fedgma[tensorboard]')
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
