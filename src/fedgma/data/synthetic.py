@@ -16,14 +16,14 @@ class SyntheticOptions(Options):
     """α, β are standard deviations (≥ 0); ``num_clients`` unset means the run's clients
     (``data.num_clients + data.holdout_clients``), or 30 when loaded on its own."""
 
-    alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
-    beta: float = Field(1.0, ge=0, allow_inf_nan=False)
-    num_clients: int | None = Field(None, ge=1)
+    alpha: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
+    beta: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
+    num_clients: int | None = Field(None, ge=1, le=100_000)
     seed: int = Field(0, ge=0)
     iid: bool = False
     test_fraction: float = Field(0.1, ge=0, lt=1)
-    num_features: int = Field(60, ge=1)
-    num_classes: int = Field(10, ge=1)
+    num_features: int = Field(60, ge=1, le=100_000)
+    num_classes: int = Field(10, ge=1, le=100_000)
 
 
 def synthetic(

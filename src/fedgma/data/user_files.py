@@ -43,7 +43,7 @@ class NpzOptions(Options):
     path: str | None = Field(None, validate_default=True)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     seed: int = Field(0, ge=0)
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
 
     _path = field_validator("path")(_required_path)
 
@@ -70,7 +70,7 @@ class FileOptions(Options):
     path: str | None = Field(None, validate_default=True)
     test_fraction: float | None = Field(None, ge=0, lt=1)
     seed: int | None = Field(None, ge=0)
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
     label_column: str | None = None
     client_column: str | None = None
     feature_columns: list[str] | None = Field(None, min_length=1)
