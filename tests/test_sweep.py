@@ -62,7 +62,8 @@ def test_plan_keeps_full_keys_when_last_components_clash(tmp_path: Path) -> None
 def test_plan_applies_tuned_server_lr_per_algorithm_and_aggregator(tmp_path: Path) -> None:
     tuned = {("fedavg", "mean"): 1.0, ("fedavg", "gma"): 2.0}
     plan = plan_sweep(PAPER, [parse_grid("server.aggregator=mean,gma")], 1, tmp_path, TINY, tuned)
-    assert [(r.config.server.aggregator.name, r.config.server.optimizer.lr) for r in plan] == [("mean", 1.0), ("gma", 2.0)]
+    assert [(r.config.server.aggregator.name, r.config.server.optimizer.lr) for r in plan] == [
+        ("mean", 1.0), ("gma", 2.0)]
     with pytest.raises(ConfigError, match="no tuned server lr for fedprox\\+mean"):
         plan_sweep(PAPER, [parse_grid("algorithm=fedprox")], 1, tmp_path, [*TINY, "server.aggregator=mean"], tuned)
 
@@ -93,7 +94,8 @@ def test_run_sweep_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Pa
 
 
 def test_divergence_is_recorded_and_counts_as_finished(tmp_path: Path) -> None:
-    plan = plan_sweep(PAPER, [], 1, tmp_path, [*TINY, "server.aggregator=mean", "server.optimizer.lr=1000", "client.lr=100"])
+    diverging = [*TINY, "server.aggregator=mean", "server.optimizer.lr=1000", "client.lr=100"]
+    plan = plan_sweep(PAPER, [], 1, tmp_path, diverging)
     done: list[object] = []
     run_sweep(plan, on_done=lambda run, summary: done.append(summary))
     record = json.loads((plan[0].run_dir / DIVERGED).read_text())
@@ -144,3 +146,41 @@ def test_a_finished_run_of_another_config_is_not_reused(tmp_path: Path) -> None:
     changed = plan_sweep(PAPER, [parse_grid("server.aggregator=mean")], 1, tmp_path, [*TINY, "server.lr=2"])
     with pytest.raises(ConfigError, match="server.optimizer.lr = 1.0 there, 2.0 planned"):
         run_sweep(changed)
+
+
+def test_an_interrupted_sweep_resumes_its_runs_from_their_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    import fedgma.simulation as simulation
+    from fedgma.checkpoint import latest_checkpoint
+    from fedgma.sweep import FAILED, SweepError
+
+    overrides = [*TINY, "rounds=4", "checkpoint_every=1"]
+    straight = plan_sweep(PAPER, [], 1, tmp_path / "straight", overrides)
+    run_sweep(straight)
+    plan = plan_sweep(PAPER, [], 1, tmp_path / "sweep", overrides)
+    save = simulation.save_checkpoint
+
+    def dying_save(run_dir, round_index, state, *args, **kwargs):  # killed just after round 3's checkpoint
+        path = save(run_dir, round_index, state, *args, **kwargs)
+        if round_index == 3:
+            raise KeyError("killed")
+        return path
+
+    with monkeypatch.context() as patch:
+        patch.setattr(simulation, "save_checkpoint", dying_save)
+        with pytest.raises(SweepError):
+            run_sweep(plan)
+    run_dir = plan[0].run_dir
+    assert latest_checkpoint(run_dir)["round"] == 3 and (run_dir / FAILED).is_file()
+    written = (run_dir / "rounds.jsonl").read_text().splitlines()
+    assert len(written) == 3
+    assert run_sweep(plan) == plan
+    after = (run_dir / "rounds.jsonl").read_text().splitlines()
+    assert after[:3] == written  # byte-identical, round_s included: rounds 1-3 were not trained again
+    assert not (run_dir / FAILED).exists()
+
+    def without_timing(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                for line in path.read_text().splitlines()]
+
+    for name in ("rounds.jsonl", "metrics.jsonl"):
+        assert without_timing(run_dir / name) == without_timing(straight[0].run_dir / name)
