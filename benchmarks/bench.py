@@ -299,24 +299,39 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child")
-    parser.add_argument("--parts", default="train,agg,scale")
-    parser.add_argument("--models", default="mlp,cnn")
-    parser.add_argument("--modes", default=",".join(STEP_MODES))
-    parser.add_argument("--mode", default="sequential-1t")
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--cnn-rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--d", type=int, default=10_000_000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--population", type=int, default=10_000)
-    parser.add_argument("--per-round", type=int, default=100)
-    parser.add_argument("--scale-rounds", type=int, default=100)
-    parser.add_argument("--store-limit-mb", type=int, default=1024)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one part in a fresh process
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run of every part in about a minute (MLP only, 2 rounds, 1 repeat, K=20 "
+                             "updates of d=1e6, 500 SCAFFOLD clients for 2 rounds): checks that the benchmark "
+                             "works; not for figures")
+    parser.add_argument("--parts", default="train,agg,scale",
+                        help="comma list: train (rounds/s per backend), agg (aggregation vs memory floor), "
+                             "scale (SCAFFOLD with many clients) (default: %(default)s)")
+    parser.add_argument("--models", default="mlp,cnn", help="train: models to time (default: %(default)s)")
+    parser.add_argument("--modes", default=",".join(STEP_MODES),
+                        help="train: backends × threads to time (default: %(default)s)")
+    parser.add_argument("--mode", default="sequential-1t", help=argparse.SUPPRESS)  # internal, for --child
+    parser.add_argument("--model", default="mlp", help=argparse.SUPPRESS)  # internal, for --child
+    parser.add_argument("--rounds", type=int, default=6, help="train: rounds per MLP run (default: %(default)s)")
+    parser.add_argument("--cnn-rounds", type=int, default=3, help="train: rounds per CNN run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are shown "
+                                                                "(default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="train: Dirichlet α of the 100-client split "
+                                                                  "(default: %(default)s)")
+    parser.add_argument("--k", type=int, default=100, help="agg: client updates K (default: %(default)s)")
+    parser.add_argument("--d", type=int, default=10_000_000, help="agg: floats per update d; memory ≈ 4·K·d bytes "
+                                                                  "(default: %(default)s, about 4 GB)")
+    parser.add_argument("--threads", type=int, default=2, help="agg: torch threads (default: %(default)s)")
+    parser.add_argument("--population", type=int, default=10_000, help="scale: SCAFFOLD clients "
+                                                                       "(default: %(default)s)")
+    parser.add_argument("--per-round", type=int, default=100, help="scale: clients per round (default: %(default)s)")
+    parser.add_argument("--scale-rounds", type=int, default=100, help="scale: rounds (default: %(default)s)")
+    parser.add_argument("--store-limit-mb", type=int, default=1024,
+                        help="scale: RAM for SCAFFOLD's c_i before they spill to disk, MB (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.quick:  # small sizes for every part; explicit options given with --quick are overridden
+        args.models, args.modes, args.rounds, args.repeats = "mlp", "plain-1t,sequential-1t", 2, 1
+        args.k, args.d, args.population, args.per_round, args.scale_rounds = 20, 1_000_000, 500, 10, 2
 
     if args.child:
         result = {"train": run_train, "agg": run_agg, "scale": run_scale}[args.child](args)
