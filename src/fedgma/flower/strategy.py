@@ -496,7 +496,9 @@ class FedgmaStrategy(FedAvg):
     def _results(self, server_round: int, replies: Iterable[Message], kept: dict[int, RecordDict],
                  nodes: dict[int, str]) -> Iterator[ClientResult]:
         destinations = self._stream.destinations if self._stream is not None else None
-        for index, message in enumerate(replies):
+        index = -1
+        for message in replies:  # (not enumerate: its cached result tuple would keep the previous reply alive)
+            index += 1
             node = _node(message, destinations)
             try:
                 if message.has_error():
