@@ -201,7 +201,7 @@ def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], 
         server_lr = {pair: choice["lr"] for pair, choice in select_server_lr(tuning_dir).items()}
     plan = plan_sweep(config_path, [parse_grid(g) for g in grids], seeds, out_dir, overrides, server_lr)
     skipped = sum(r.finished for r in plan)
-    click.echo(f"sweep: {len(plan)} runs in {out_dir} ({skipped} already finished)")
+    click.echo(f"sweep: {_plural(len(plan), 'run')} in {out_dir} ({skipped} already finished)")
     failed = None
     with Progress(TextColumn("sweep"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[last]}")) as progress:
@@ -215,7 +215,7 @@ def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], 
             run_sweep(plan, jobs=jobs, on_done=done)
         except SweepError as error:
             failed = error
-    _print_table(find_runs(out_dir))
+    _print_table(find_runs(out_dir), out_dir)
     if failed is not None:
         click.echo(f"sweep: {failed}", err=True)
         sys.exit(1)
@@ -232,14 +232,21 @@ def report(runs_dir: str, out: str | None, target_fraction: float, target: float
 
     Writes summary.md/.csv (final and best accuracy, mean ± std over seeds, rounds to a target),
     gains.md/.csv (GMA − mean per setting and algorithm, paired by seed, with a 95% interval),
-    plots/ (accuracy vs round, GMA mask statistics, τ sweeps, gains) and report.md. Where runs differ
-    only in server.lr, the lr with the best final validation accuracy is the one compared.
+    plots/ (accuracy vs round, GMA mask statistics, τ sweeps, gains), report.md and a self-contained
+    report.html. Runs are grouped by their config.toml: every key that differs is a column. Where runs
+    differ only in server.lr, the lr with the best final validation accuracy is the one compared.
     """
     from fedgma.report import gains_markdown, write_report
 
     result = write_report(runs_dir, out, target_fraction, target)
-    click.echo(f"report: {len(result['rows'])} configurations, {len(result['figures'])} plots, "
-               f"{len(result['diverged'])} diverged runs -> {result['out']}/report.md")
+    incomplete = result["incomplete"]
+    click.echo(f"report: {_plural(len(result['runs']), 'finished run')} in "
+               f"{_plural(len(result['rows']), 'configuration')}, {_plural(len(result['figures']), 'plot')}, "
+               f"{len(result['diverged'])} diverged, {sum(r['status'] == 'failed' for r in incomplete)} failed, "
+               f"{sum(r['status'] == 'unfinished' for r in incomplete)} unfinished -> "
+               f"{result['out']}/report.html (and report.md)")
+    for item in incomplete:
+        click.echo(f"  {item['status']}: {item['path']}" + (f": {item['error']}" if item["error"] else ""))
     if result["gains"]:
         click.echo(gains_markdown(result["gains"]))
 
@@ -267,7 +274,7 @@ def partition(config_path: str, overrides: tuple[str, ...], out: str | None, row
     config = load_config(config_path, list(overrides))
     data = build_federated(config.data, config.seed)
     out_dir = Path(out) if out else Path("runs") / f"{config.name or 'config'}-partition"
-    written = write_partition_files(out_dir, data.statistics)
+    written = write_partition_files(out_dir, data.statistics, options=dict(config.data.partition.options))
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
         console = Console(width=200)
@@ -278,34 +285,41 @@ def partition(config_path: str, overrides: tuple[str, ...], out: str | None, row
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
-def _print_table(runs: list[Any]) -> None:
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun if count == 1 else noun + 's'}"
+
+
+def _print_table(runs: list[Any], out_dir: Path) -> None:
+    """The sweep's table (one row per configuration, a column per swept key; accuracies in %), printed and
+    saved to ``out_dir/sweep.md``, then the ``fedgma report`` command for the full report."""
     from rich.console import Console
     from rich.table import Table
 
-    from fedgma.report import summary_rows
+    from fedgma.report import make_groups
+    from fedgma.report.tables import table_columns, table_rows
 
-    rows = summary_rows(runs)
-    if not rows:
+    if not runs:
         click.echo("no finished runs")
         return
-    table = Table(title="final and best test accuracy (mean ± std over seeds)")
-    extra = sorted({k for row in rows for k in row if k.startswith("final_") and k != "final_accuracy"})
-    for column in ["run", "algorithm", "aggregator", "seeds", "final acc", "best acc", *extra, "wall s"]:
-        table.add_column(column, justify="left" if column == "run" else "right")
-    for row in rows:
-        cells = [row["run"], row["algorithm"], row["aggregator"], str(row["seeds"]),
-                 _pm(row["final_accuracy"]), _pm(row["best_accuracy"]),
-                 *[_pm(row[k]) if k in row else "" for k in extra], f"{row['wall_s']:.0f}"]
-        table.add_row(*cells)
+    header, body = table_columns(table_rows(make_groups(runs)))
+    keep = [i for i, name in enumerate(header) if name not in ("target %", "rounds to target")]
+    header, body = [header[i] for i in keep], [[row[i] for i in keep] for row in body]
+    title = (f"{out_dir}: {_plural(len(runs), 'finished run')}, {_plural(len(body), 'configuration')}; "
+             "accuracy in %, mean ± std over seeds")
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="right")
+    for row in body:
+        table.add_row(*row)
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
         console = Console(width=200)
     console.print(table)
-
-
-def _pm(value: tuple[float, float]) -> str:
-    mean, std = value
-    return f"{mean:.4f} ± {std:.4f}"
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+             *["| " + " | ".join(row) + " |" for row in body]]
+    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    click.echo(f"table saved to {out_dir / 'sweep.md'}; full report (tables, plots, report.html): "
+               f"fedgma report {out_dir}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
