@@ -9,6 +9,17 @@ Every rule exists in two forms that give the same numbers:
 
 The functions are thin wrappers over the aggregators, so the maths lives in one place. All state is
 sum-decomposable (sums of ``w·Δ`` and of signs), which keeps secure aggregation possible later.
+
+Precision: every float dtype is accepted (float16, bfloat16, float32, float64). The running sums
+are kept in the *accumulation dtype*: float32 for the 16-bit dtypes (whose range, 65504 for
+float16, is exceeded by Σ n_k Δ_k with realistic sample counts, and whose sign counts are exact
+only up to 2048 clients for float16, 256 for bfloat16), the update's own dtype otherwise; results
+come back in the update's dtype. Weights are used as given, not rescaled before accumulating: in the
+accumulation dtype Σ w_k Δ_k cannot overflow for any realistic weight, and leaving them keeps float32
+results bit-identical to earlier versions. The agreement's normaliser Σ s_k is summed in the
+accumulation dtype in client order, by the same additions that build the sign sum, so on a unanimous
+coordinate |Σ s_k sign Δ_k| equals it bit for bit and the agreement is exactly 1, whatever the
+weights (e.g. 5.2 and 2.2 in float32, or sample counts summing past 2^24).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ __all__ = [
     "GMAAggregator",
     "Layer",
     "MeanAggregator",
+    "accumulation_dtype",
     "available_aggregators",
     "gma",
     "gma_mask",
@@ -108,6 +120,11 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
         return _POOL
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the running sums of updates of ``dtype`` are kept in: float32 for 16-bit floats, else ``dtype``."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
 def _all_finite(update: Tensor) -> bool:
     """Whether every entry is finite: one reduction, no d-sized temporary (exact check only if the sum is not)."""
     total = float(update.sum())
@@ -125,6 +142,9 @@ def _fold_into(
 ) -> None:
     """``weighted_sum += Σ_k w_k Δ_k`` and ``sign_sum += Σ_k s_k sign(Δ_k)``, chunk by chunk.
 
+    The sums may have a wider dtype than the updates (the accumulation dtype); each term is then
+    formed in the sums' dtype.
+
     Float32 CPU tensors go to the compiled kernel (``fedgma.native``) when it is available: the
     same element-wise operations in the same order, so the same bits, in one pass.
     """
@@ -139,8 +159,8 @@ def _fold_into(
             native_fold(weighted_sum, sign_sum, starts[first] if first < len(starts) else numel,
                         starts[last] if last < len(starts) else numel)
             return
-        buffer = None if sign_sum is None else torch.empty(min(CHUNK, numel), dtype=sign_sum.dtype,
-                                                          device=sign_sum.device)
+        buffer = None if sign_sum is None else torch.empty(min(CHUNK, numel), dtype=updates[0].dtype,
+                                                          device=sign_sum.device)  # a sign is exact in any dtype
         for start in starts[first:last]:
             end = min(start + CHUNK, numel)
             total = weighted_sum[start:end]
@@ -183,6 +203,7 @@ class _Accumulator:
         self.total_weight = 0.0
         self._shape: torch.Size | None = None
         self._dtype: torch.dtype | None = None
+        self._accumulate: torch.dtype | None = None  # accumulation_dtype(self._dtype)
 
     def _admit(self, update: Tensor, weight: float, check_finite: bool | None = None) -> float:
         index = self.count
@@ -198,6 +219,7 @@ class _Accumulator:
             raise ValueError(f"client {index}: update must be a floating-point tensor, got {update.dtype}")
         if self._shape is None:
             self._shape, self._dtype = update.shape, update.dtype
+            self._accumulate = accumulation_dtype(update.dtype)
         elif update.shape != self._shape:
             raise ValueError(
                 f"client {index}: update has shape {tuple(update.shape)}, "
@@ -208,9 +230,9 @@ class _Accumulator:
         if check_finite and not _all_finite(update):
             raise ValueError(f"client {index}: update contains NaN or infinite values")
         w = _check_weight(weight, index)
-        if w > torch.finfo(update.dtype).max:  # it would become inf in the update's precision
+        if w > torch.finfo(self._accumulate).max:  # it would become inf in the sums' precision
             raise ValueError(f"client {index}: weight {weight!r} is too large for {update.dtype} updates "
-                             "(use sample counts as weights)")
+                             f"(summed in {self._accumulate}; use sample counts as weights)")
         self.count += 1
         self.total_weight += w
         return w
@@ -223,20 +245,24 @@ class _Accumulator:
                 "(weights or updates too large; use sample counts as weights)"
             )
 
+    def _zeros(self, update: Tensor) -> Tensor:
+        """A d-sized running sum in the accumulation dtype."""
+        return torch.zeros_like(update, dtype=self._accumulate)
+
     def _check_ready(self) -> None:
         if self.count == 0:
             raise ValueError("cannot aggregate: no client update was added (empty list)")
         if self.total_weight <= 0:
             raise ValueError("cannot aggregate: the client weights sum to zero")
-        if self.total_weight < torch.finfo(self._dtype).tiny:  # type: ignore[arg-type]
+        if self.total_weight < torch.finfo(self._accumulate).tiny:  # type: ignore[arg-type]
             raise ValueError(
                 f"cannot aggregate: the client weights sum to {self.total_weight:g}, too small for "
-                f"{self._dtype} (use sample counts as weights)"
+                f"{self._accumulate} (use sample counts as weights)"
             )
-        if self.total_weight > torch.finfo(self._dtype).max:  # type: ignore[arg-type]
+        if self.total_weight > torch.finfo(self._accumulate).max:  # type: ignore[arg-type]
             raise ValueError(
                 f"cannot aggregate: the client weights sum to {self.total_weight:g}, too large for "
-                f"{self._dtype} (use sample counts as weights)"
+                f"{self._accumulate} (use sample counts as weights)"
             )
 
 
@@ -257,7 +283,7 @@ class MeanAggregator(_Accumulator):
     def add(self, update: Tensor, weight: float = 1.0) -> None:
         w = self._admit(update, weight)
         if self._weighted_sum is None:
-            self._weighted_sum = torch.zeros_like(update)
+            self._weighted_sum = self._zeros(update)
         _fold_into(self._weighted_sum, None, [update], [w], [1.0])
 
     def average(self, _consume: bool = False) -> Tensor:
@@ -266,8 +292,8 @@ class MeanAggregator(_Accumulator):
         if not _consume:  # the one-shot functions (_consume) checked the sum in _fold already
             self._check_sum(self._weighted_sum)
         if _consume:  # the one-shot functions: divide in place, the aggregator is discarded
-            return self._weighted_sum.div_(self.total_weight)
-        return self._weighted_sum / self.total_weight
+            return self._weighted_sum.div_(self.total_weight).to(self._dtype)
+        return (self._weighted_sum / self.total_weight).to(self._dtype)  # the updates' dtype
 
     def result(self) -> tuple[Tensor, dict[str, Any]]:
         return self.average(), {"num_clients": self.count}
@@ -325,6 +351,7 @@ class GMAAggregator(_Accumulator):
         self.layers = list(layers) if layers is not None else None
         self._weighted_sum: Tensor | None = None
         self._sign_sum: Tensor | None = None
+        self._sign_total: Tensor | None = None  # Σ s_k in the accumulation dtype, summed like the sign sum
 
     def add(self, update: Tensor, weight: float = 1.0) -> None:
         """Fold one client's update into the two running sums (O(d) memory whatever the number of clients).
@@ -339,15 +366,28 @@ class GMAAggregator(_Accumulator):
         """
         w = self._admit(update, weight)
         if self._weighted_sum is None:
-            self._weighted_sum = torch.zeros_like(update)
-            self._sign_sum = torch.zeros_like(update)
-        _fold_into(self._weighted_sum, self._sign_sum, [update], [w], [w if self.weighted_agreement else 1.0])
+            self._weighted_sum = self._zeros(update)
+            self._sign_sum = self._zeros(update)
+        sign_weight = w if self.weighted_agreement else 1.0
+        _fold_into(self._weighted_sum, self._sign_sum, [update], [w], [sign_weight])
+        self._add_sign_weights([sign_weight])
+
+    def _add_sign_weights(self, sign_weights: Sequence[float]) -> None:
+        """Σ s_k by the additions the sign sum makes on a unanimous coordinate: fl(t + fl(s_k)), in order."""
+        if self._sign_total is None:
+            self._sign_total = torch.zeros((), dtype=self._accumulate)
+        for sw in sign_weights:
+            self._sign_total.add_(sw)
 
     def agreement(self, _consume: bool = False) -> Tensor:
-        """Per-coordinate sign agreement A in [0, 1] of the updates added so far."""
+        """Per-coordinate sign agreement A in [0, 1] of the updates added so far, shape [d].
+
+        A = |Σ_k s_k sign(Δ_k)| / Σ_k s_k in the accumulation dtype (float32 for 16-bit updates):
+        exactly 1 where every update has the same non-zero sign, whatever the weights.
+        """
         self._check_ready()
-        assert self._sign_sum is not None
-        normaliser = self.total_weight if self.weighted_agreement else float(self.count)
+        assert self._sign_sum is not None and self._sign_total is not None
+        normaliser = float(self._sign_total)  # exact in the sums' dtype: a unanimous |S| / it is exactly 1
         if _consume:  # A computed in place in the sign sum (the same operations as sign_agreement)
             return self._sign_sum.abs_().div_(normaliser).clamp_(max=1.0)
         return sign_agreement(self._sign_sum, normaliser)
@@ -355,45 +395,50 @@ class GMAAggregator(_Accumulator):
     def result(self, _consume: bool = False) -> tuple[Tensor, dict[str, Any]]:
         """The masked average m ⊙ Σ p_k Δ_k [d] and statistics: ``num_clients``, ``mask_density``,
         ``mask_pass_fraction``, ``agreement_mean``, per-layer values and histograms when ``layers`` were
-        given, and ``mask`` (the tensor [d]). The aggregator can keep taking updates afterwards.
+        given, and ``mask`` (the tensor [d]). The average and the mask have the updates' dtype (computed
+        in the accumulation dtype). The aggregator can keep taking updates afterwards.
 
         Raises:
             ValueError: no update was added, the weights sum to zero (or under/overflow the dtype), or
             the weighted sum is not finite.
         """
-        # Order chosen for peak memory: the statistics' temporaries exist before the average does,
-        # and the one-shot functions (_consume) reuse the two running sums for A and the average.
+        # Memory: A is computed in the sign sum's copy (in the sign sum itself for the one-shot functions,
+        # _consume), its statistics taken, then it is turned into the mask in place; the peak is the two
+        # running sums, A, and one boolean d-sized buffer. Statistics are the same bits as before.
         self._check_ready()
         assert self._weighted_sum is not None
         if not _consume:  # the one-shot functions (_consume) checked the sum in _fold already
             self._check_sum(self._weighted_sum)
         agreement = self.agreement(_consume)
-        mask = gma_mask(agreement, self.threshold, self.hard)
-        stats = self._statistics(agreement, mask)
-        del agreement
+        passed = agreement >= self.threshold  # the complement of gma_mask's `below`
+        stats: dict[str, Any] = {
+            "num_clients": self.count,
+            "mask_density": 0.0,  # set below, once the mask exists (key order kept)
+            "mask_pass_fraction": _fraction(passed),
+            "agreement_mean": float(agreement.float().mean()),
+            "agreement_histogram": _histogram(agreement),
+        }
+        layers = [(layer.name, slice(layer.start, layer.start + layer.numel)) for layer in self.layers or ()]
+        histograms = {name: _histogram(agreement[segment]) for name, segment in layers}
+        mask = agreement  # gma_mask's values, built in place
+        if self.hard:
+            mask.copy_(passed)
+        else:
+            mask.masked_fill_(passed, 1.0)
+        del passed, agreement
+        stats["mask_density"] = float(mask.float().mean())
+        for name, segment in layers:
+            stats[f"mask_density/{name}"] = float(mask[segment].float().mean())
+            stats[f"agreement_histogram/{name}"] = histograms[name]
         if _consume:
             self._sign_sum = None
             average = self._weighted_sum.div_(self.total_weight)
             self._weighted_sum = None
         else:
             average = self._weighted_sum / self.total_weight
-        stats["mask"] = mask
-        return average.mul_(mask), stats
-
-    def _statistics(self, agreement: Tensor, mask: Tensor) -> dict[str, Any]:
-        passed = agreement >= self.threshold
-        stats: dict[str, Any] = {
-            "num_clients": self.count,
-            "mask_density": float(mask.float().mean()),
-            "mask_pass_fraction": float(passed.float().mean()),
-            "agreement_mean": float(agreement.float().mean()),
-            "agreement_histogram": _histogram(agreement),
-        }
-        for layer in self.layers or ():
-            segment = slice(layer.start, layer.start + layer.numel)
-            stats[f"mask_density/{layer.name}"] = float(mask[segment].float().mean())
-            stats[f"agreement_histogram/{layer.name}"] = _histogram(agreement[segment])
-        return stats
+        average.mul_(mask)
+        stats["mask"] = mask.to(self._dtype)  # the updates' dtype, like the average
+        return average.to(self._dtype), stats
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -402,6 +447,17 @@ class GMAAggregator(_Accumulator):
             "hard": self.hard,
             "weighted_agreement": self.weighted_agreement,
         }
+
+
+def _fraction(flags: Tensor) -> float:
+    """``float(flags.float().mean())`` of a boolean tensor, without the float copy: the same bits.
+
+    On the CPU ``mean`` is a float32 sum then ``div_`` by the count; a sum of 0s and 1s is the exact
+    count while it stays below 2^24, so the count as float32, divided the same way, is the same value.
+    """
+    if flags.numel() >= 1 << 24 or flags.device.type != "cpu":
+        return float(flags.float().mean())
+    return float(torch.tensor(float(int(flags.sum())), dtype=torch.float32).div_(flags.numel()))
 
 
 def _histogram(values: Tensor, chunk: int = 1 << 16) -> list[int]:
@@ -471,11 +527,12 @@ def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights:
     if not rows:
         return
     first = rows[0]
-    aggregator._weighted_sum = torch.zeros_like(first)
+    aggregator._weighted_sum = aggregator._zeros(first)
     if isinstance(aggregator, GMAAggregator):
-        aggregator._sign_sum = torch.zeros_like(first)
+        aggregator._sign_sum = aggregator._zeros(first)
         sign_weights = admitted if aggregator.weighted_agreement else [1.0] * len(rows)
         _fold_into(aggregator._weighted_sum, aggregator._sign_sum, rows, admitted, sign_weights)
+        aggregator._add_sign_weights(sign_weights)
     else:
         _fold_into(aggregator._weighted_sum, None, rows, admitted, [1.0] * len(rows))
     if check and not _all_finite(aggregator._weighted_sum):
