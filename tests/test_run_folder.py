@@ -257,3 +257,19 @@ def test_cli_run_prints_the_resolved_key_hyperparameters_first(tmp_path):
     # the recipe's own server optimizer and lr (FedAdam: adam at 0.01), the aggregator and its tau
     assert "fedadam" in first and "server adam lr 0.01" in first and "gma" in first and "0.4" in first
     assert list_checkpoints(tmp_path / "run")[-1][0] == 1
+
+
+@pytest.mark.parametrize(("name", "damage", "message"), [
+    ("summary.json", "", "summary.json is truncated or corrupt, not valid JSON (Expecting value: line 1 column 1"),
+    ("metrics.jsonl", '{"round": 1, "test_accuracy": 0.5}\n{"round": 2, "test_acc',
+     "metrics.jsonl line 2 is truncated or corrupt, not valid JSON (Unterminated string"),
+    ("config.toml", "rounds = ", "config.toml is truncated or corrupt, not valid TOML (Invalid value"),
+])
+def test_fedgma_report_names_a_corrupt_file_in_one_line(tmp_path, digits_data, name, damage, message):
+    run_dir = tmp_path / "runs" / "a"
+    simulation.run(load_config(None, DIGITS), run_dir, progress=False, data=digits_data)
+    (run_dir / name).write_text(damage)
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: {run_dir / message}")
+    assert len(result.output.strip().splitlines()) == 1

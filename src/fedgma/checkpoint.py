@@ -32,8 +32,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "CheckpointError",
     "FolderInUseError",
@@ -48,6 +46,8 @@ __all__ = [
     "load_final_model",
     "lock_folder",
     "read_json",
+    "read_jsonl",
+    "read_toml",
     "save_checkpoint",
     "truncate_jsonl",
 ]
@@ -100,6 +100,8 @@ def save_checkpoint(run_dir: str | Path, round_index: int, state: dict[str, Any]
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
+    import torch  # here, so that readers of run folders (fedgma report) need not load torch
+
     torch.save(state, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
@@ -123,6 +125,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     expected, payload = raw[len(MAGIC) : header - 1].decode("ascii", "replace"), raw[header:]
     if hashlib.sha256(payload).hexdigest() != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (SHA-256 checksum mismatch)")
+    import torch
+
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as error:  # a payload with a valid checksum that torch cannot read: wrong writer
@@ -191,8 +195,42 @@ def read_json(path: str | Path) -> Any:
         raise RunFolderError(f"{path} is truncated or corrupt, not valid JSON ({error})") from None
 
 
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The JSON value of every non-blank line of ``path``; :class:`RunFolderError` naming the file and the line
+    if it cannot be read or a line is not JSON (e.g. a log of a run killed mid-line and never resumed)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    values = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise RunFolderError(f"{path} line {number} is truncated or corrupt, not valid JSON ({error}); "
+                                     "resume the run (fedgma run --resume) or remove the folder") from None
+    return values
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML table in ``path``; :class:`RunFolderError` naming the file if it cannot be read or parsed."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise RunFolderError(f"{path} is truncated or corrupt, not valid TOML ({error})") from None
+
+
 def load_final_model(path: str | Path) -> dict[str, Any]:
     """``final_model.pt`` (``{"round", "params"}``); :class:`RunFolderError` naming the file if it is damaged."""
+    import torch
+
     path = Path(path)
     try:
         model = torch.load(path, map_location="cpu", weights_only=True)
@@ -260,14 +298,7 @@ def config_differences(config: Any, saved_toml: str | Path) -> list[str]:
 
     from fedgma.config import config_to_dict, flatten
 
-    if isinstance(saved_toml, Path):
-        try:
-            text = saved_toml.read_text()
-            found = flatten(tomllib.loads(text))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-            raise RunFolderError(f"{saved_toml} cannot be read as TOML ({error})") from None
-    else:
-        found = flatten(tomllib.loads(saved_toml))
+    found = flatten(read_toml(saved_toml) if isinstance(saved_toml, Path) else tomllib.loads(saved_toml))
     planned = flatten(config_to_dict(config))
     return [f"{k} = {found[k]!r} there, {planned[k]!r} planned" for k in sorted(planned.keys() & found.keys())
             if k != "name" and planned[k] != found[k]]

@@ -11,7 +11,6 @@ A run folder holds ``config.toml``, ``metrics.jsonl`` (one JSON object per evalu
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -19,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from fedgma.checkpoint import read_json, read_jsonl, read_toml  # errors name the damaged file
 from fedgma.config import ConfigError, upgrade_raw
 
 __all__ = [
@@ -57,7 +55,7 @@ class RunRecord:
         path = self.path / "rounds.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(path)
 
 
 #: Config keys that name a part; a bare name there is the table ``{"name": ...}``.
@@ -117,12 +115,12 @@ def part_name(config: dict[str, Any], key: str) -> str | None:
 def load_run(path: str | Path, setting: str = "") -> RunRecord:
     """The run in folder ``path``; its config in the per-part shape (:func:`read_config`)."""
     path = Path(path)
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_jsonl(path / "metrics.jsonl")
     return RunRecord(
         path,
-        read_config(tomllib.loads((path / "config.toml").read_text()), path),
+        read_config(read_toml(path / "config.toml"), path),
         metrics,
-        json.loads((path / "summary.json").read_text()),
+        read_json(path / "summary.json"),
         setting,
     )
 
@@ -151,8 +149,8 @@ def find_diverged(root: str | Path) -> list[dict[str, Any]]:
     found = []
     for marker in sorted(Path(root).rglob("diverged.json")):
         config_path = marker.parent / "config.toml"
-        config = read_config(tomllib.loads(config_path.read_text()), marker.parent) if config_path.is_file() else {}
-        found.append({"path": marker.parent, "config": config, **json.loads(marker.read_text())})
+        config = read_config(read_toml(config_path), marker.parent) if config_path.is_file() else {}
+        found.append({"path": marker.parent, "config": config, **read_json(marker)})
     return found
 
 
