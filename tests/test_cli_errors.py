@@ -89,7 +89,8 @@ def test_a_real_process_prints_no_traceback_and_exits_2(config):
     process = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
-    assert process.stderr.strip() == "Error: config key 'client.lr': Input should be greater than 0 (got -1)"
+    assert process.stderr.strip() == (
+        "Error: config key 'client.lr': Input should be greater than 0; expected a finite number in (0, 1000] (got -1)")
     process = subprocess.run([sys.executable, "-m", "fedgma.cli", "--debug", *command[3:]], capture_output=True,
                              text=True, timeout=120)
     assert process.returncode == 1 and "Traceback" in process.stderr and "ConfigError" in process.stderr

@@ -81,8 +81,10 @@ def test_krum_refuses_too_few_updates_and_too_many_selected_in_one_line():
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"num_byzantine": -1}, "option 'num_byzantine': Input should be greater than or equal to 0"),
-    ({"num_selected": 0}, "option 'num_selected': Input should be greater than or equal to 1"),
+    ({"num_byzantine": -1}, "option 'num_byzantine': Input should be greater than or equal to 0; "
+                             "expected an integer in \\[0, 1000000\\] \\(got -1\\)"),
+    ({"num_selected": 0}, "option 'num_selected': Input should be greater than or equal to 1; "
+                           "expected an integer in \\[1, 1000000\\] \\(got 0\\)"),
     ({"num_selected": 1.5}, "option 'num_selected': Input should be a valid integer"),
     ({"byzantine": 1}, r"has no option 'byzantine' \(did you mean 'num_byzantine'\?\)"),
 ])

@@ -60,8 +60,10 @@ def test_an_unknown_option_is_one_line_naming_the_part_the_option_and_the_allowe
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    (0, r"^widget 'round' option 'size': Input should be greater than or equal to 1 \(got 0\)$"),
-    (11, r"^widget 'round' option 'size': Input should be less than or equal to 10 \(got 11\)$"),
+    (0, r"^widget 'round' option 'size': Input should be greater than or equal to 1; expected an integer in "
+         r"\[1, 10\] \(got 0\)$"),
+    (11, r"^widget 'round' option 'size': Input should be less than or equal to 10; expected an integer in \[1, 10\] "
+     r"\(got 11\)$"),
     ("big", r"^widget 'round' option 'size': Input should be a valid integer.* \(got 'big'\)$"),
 ])
 def test_a_value_out_of_range_is_one_line_with_the_value(widgets, value, message):

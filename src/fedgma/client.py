@@ -59,13 +59,13 @@ class LocalSGD:
             ("client.local_epochs", self.epochs >= 1 or self.steps is not None, "≥ 1"),
             ("client.local_steps", self.steps is None or self.steps >= 1, "≥ 1"),
             ("client.batch_size", self.batch_size >= 1, "≥ 1"),
-            ("client.lr", self.lr > 0, "> 0"),
+            ("client.lr", 0 < self.lr <= 1e3, "a finite number in (0, 1000]"),
             ("client.momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("client.weight_decay", self.weight_decay >= 0, "≥ 0"),
-            ("client.prox_mu", self.prox_mu >= 0, "≥ 0"),
+            ("client.weight_decay", 0 <= self.weight_decay <= 1e3, "a finite number in [0, 1000]"),
+            ("client.prox_mu", 0 <= self.prox_mu <= 1e3, "a finite number in [0, 1000]"),
         ]
         for key, ok, expected in checks:
-            if not ok:
+            if not ok:  # NaN fails every comparison, so it is refused too
                 raise ValueError(f"{key} must be {expected}")
 
     def num_steps(self, num_samples: int) -> int:

@@ -20,6 +20,7 @@ folders keep working; a flat key the chosen part does not use is an error naming
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,21 +46,41 @@ from fedgma.registry import (
     PARTITIONERS,
     SERVER_OPTIMIZERS,
     Registry,
+    describe_error,
     did_you_mean,
+    field_at,
 )
 
 __all__ = [
-    "Config", "ConfigError", "Part", "apply_overrides", "config_to_toml", "load_config", "parse_config", "resolve",
-    "set_key", "upgrade_raw",
+    "Config", "ConfigError", "Part", "apply_overrides", "config_to_toml", "key_hyperparameters",
+    "load_config", "parse_config", "resolve", "set_key", "upgrade_raw",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key."""
 
 
+# Upper bounds of values that are finite but absurd (they would overflow, hang or allocate without limit later).
+MAX_RATE = 1e3  # client.lr, client.weight_decay, client.prox_mu (server optimizers' lr and eps: the same bound)
+MAX_LOCAL_EPOCHS = 10_000  # client.local_epochs
+MAX_LOCAL_STEPS = 10_000_000  # client.local_steps
+MAX_THREADS = 1024  # threads
+MAX_NOISE = 100.0  # a noise domain's σ (inputs are scaled to about [0, 1])
+MAX_CONTRAST = 1e3  # a contrast domain's factor
+MAX_SHIFT = 1e3  # a brightness domain's offset, and each tint component's magnitude
+MAX_DEPTH = 16  # nesting of tables and lists in a config file (the deepest valid config has 5)
+
+#: Other names of data sets, resolved to the registered (canonical) name.
+DATASET_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: "5" is not a number and 1 is not a boolean; a TOML integer is still accepted where a float is expected
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class Part(BaseModel):
@@ -122,7 +143,7 @@ class DomainsConfig(_Section):
     train: list[Any] = Field(default_factory=list)  # one domain per entry, dealt to clients by `assignment`
     test: list[Any] = Field(default_factory=list)  # held-out test domains: metrics ood/<name>_accuracy
     assignment: Literal["contiguous", "round_robin", "random"] = "contiguous"
-    sigma: float | None = Field(None, ge=0, allow_inf_nan=False)  # noise only: client i of N gets σ·i/N
+    sigma: float | None = Field(None, ge=0, le=MAX_NOISE, allow_inf_nan=False)  # noise only: client i of N gets σ·i/N
 
     @model_validator(mode="after")
     def _valid_domains(self) -> DomainsConfig:
@@ -136,7 +157,9 @@ class DomainsConfig(_Section):
             raise ValueError("sigma (NIID-Bench per-client noise σ·i/N) needs kind = 'noise' and no train list")
         if self.sigma is None and not self.train:
             raise ValueError(f"kind {self.kind!r} needs a list of training domains, e.g. train = [0, 15, 30, 45]")
-        make_domains(self.kind, self.train, "data.domains.train")
+        for key, values in (("data.domains.train", self.train), ("data.domains.test", self.test)):
+            for i, domain in enumerate(make_domains(self.kind, values, key)):
+                _check_domain_range(domain, f"{key}[{i}]")
         names = [d.name for d in make_domains(self.kind, self.test, "data.domains.test")]
         if len(set(names)) != len(names):
             raise ValueError(f"held-out test domains need distinct names, got {names}")
@@ -155,6 +178,17 @@ class DataConfig(_Section):
     domains: DomainsConfig = Field(default_factory=DomainsConfig)
     # fraction of every client's training records held out as one validation set (for tuning; 0: none)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _alias(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return DATASET_ALIASES.get(value, value)
+        if isinstance(value, dict) and value.get("name") in DATASET_ALIASES:
+            return {**value, "name": DATASET_ALIASES[value["name"]]}
+        if isinstance(value, Part) and value.name in DATASET_ALIASES:
+            return Part(name=DATASET_ALIASES[value.name], **value.options)
+        return value
 
     _dataset = field_validator("dataset")(_part_validator(DATASETS))
     _partition = field_validator("partition")(_part_validator(PARTITIONERS))
@@ -178,13 +212,13 @@ class ModelConfig(_Section):
 
 class ClientConfig(_Section):
     algorithm: Part | None = None  # [client.algorithm]: sgd | scaffold (default: the recipe's)
-    local_epochs: int = Field(1, ge=1)
-    local_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.01, gt=0)
+    local_epochs: int = Field(1, ge=1, le=MAX_LOCAL_EPOCHS)
+    local_steps: int | None = Field(None, ge=1, le=MAX_LOCAL_STEPS)
+    batch_size: int = Field(32, ge=1, le=2**31)
+    lr: float = Field(0.01, gt=0, le=MAX_RATE, allow_inf_nan=False)
     momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    prox_mu: float | None = Field(None, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_RATE, allow_inf_nan=False)
+    prox_mu: float | None = Field(None, ge=0, le=MAX_RATE, allow_inf_nan=False)
 
     _algorithm = field_validator("algorithm")(_part_validator(CLIENT_ALGORITHMS))
 
@@ -221,7 +255,7 @@ class FaultsConfig(_Section):
     nan: float = Field(0.0, ge=0, le=1)
     sign_flip: float = Field(0.0, ge=0, le=1)
     scale: float = Field(0.0, ge=0, le=1)
-    scale_factor: float = Field(10.0, allow_inf_nan=False)
+    scale_factor: float = Field(10.0, ge=-1e6, le=1e6, allow_inf_nan=False)
     label_flip: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -243,7 +277,7 @@ class Config(_Section):
     device: str = "cpu"
     backend: Part = Field(default_factory=lambda: Part(name="sequential"))  # [backend]: how clients are trained
     engine: Literal["fedgma", "flower"] = "fedgma"  # flower: Flower's simulation engine (fedgma[flower])
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     checkpoint_every: int = Field(1, ge=0)  # rounds between checkpoints; 0: never
     tensorboard: bool = False  # every metric to <run>/tensorboard too (pip install 'fedgma[tensorboard]')
     data: DataConfig = Field(default_factory=DataConfig)
@@ -265,6 +299,16 @@ class Config(_Section):
         if value != "cpu" and not value.startswith("cuda") and value != "mps":
             raise ValueError(f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
+
+
+def _check_domain_range(domain: Any, where: str) -> None:
+    """Refuse a feature-skew domain whose noise, contrast, brightness or tint is finite but absurd."""
+    bounds = [("noise σ", domain.noise, 0.0, MAX_NOISE), ("contrast", domain.contrast, 0.0, MAX_CONTRAST),
+              ("brightness", domain.brightness, -MAX_SHIFT, MAX_SHIFT)]
+    bounds += [("tint component", t, -MAX_SHIFT, MAX_SHIFT) for t in domain.tint or ()]
+    for name, value, low, high in bounds:
+        if not low <= value <= high:
+            raise ValueError(f"{where}: {name} must lie in [{low:g}, {high:g}], got {value:g}")
 
 
 def _one_of(value: str, allowed: list[str]) -> str:
@@ -416,10 +460,7 @@ def _format_error(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(_unknown_key(tuple(str(part) for part in item["loc"])))
             continue
-        message = item["msg"].removeprefix("Value error, ")
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) or f"{value!r}" in message else f" (got {value!r})"
-        lines.append(f"config key {key!r}: {message}{shown}")
+        lines.append(f"config key {key!r}: {describe_error(item, field_at(Config, item['loc']))}")
     return "; ".join(lines)
 
 
@@ -448,8 +489,27 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
     return f"unknown config key {key!r}{hint}; {where} takes: {', '.join(section.model_fields)}"
 
 
+def _check_depth(raw: Any) -> None:
+    """Refuse a raw config nested deeper than ``MAX_DEPTH`` (checked without recursion, so any depth is safe)."""
+    stack: list[tuple[Any, int, str]] = [(raw, 0, "")]
+    while stack:
+        node, depth, key = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"config key {key[:60]!r}…: tables or lists nest more than {MAX_DEPTH} levels deep; "
+                              "no config key is that deep")
+        if isinstance(node, dict):
+            stack += [(v, depth + 1, f"{key}.{k}" if key else str(k)) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node)]
+
+
 def parse_config(raw: dict[str, Any]) -> Config:
-    """Validate a raw nested dict into a :class:`Config` (not yet resolved); the flat shape is upgraded first."""
+    """Validate a raw nested dict into a :class:`Config` (not yet resolved); the flat shape is upgraded first.
+
+    Raises:
+        ConfigError: one line naming the first bad key (unknown, wrong type, out of range, nested too deeply).
+    """
+    _check_depth(raw)
     raw = upgrade_raw(raw)
     try:
         return Config.model_validate(raw)
@@ -461,12 +521,15 @@ def parse_value(text: str) -> Any:
     """A command-line value: a TOML scalar (number, boolean, quoted string) or else the bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text  # a bare string, e.g. server.aggregator=mean
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as TOML, else taken as strings) to a raw dict.
+
+    Values keep their TOML type: ``rounds=5`` is an integer, ``rounds='5'`` a string (refused where a
+    number is expected).
 
     ``server.aggregator.threshold=0.2`` sets one option of a part; ``server.aggregator=mean`` picks
     a part: its options are kept when the name stays the same and reset to the part's defaults when
@@ -487,6 +550,8 @@ def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
         ConfigError: an unknown key (with did-you-mean), or a key below something that is not a table.
     """
     part_key = next((p for p in PART_KEYS if key.startswith(p + ".")), None)
+    if key == "algorithm" and isinstance(value, str) and value != raw.get("algorithm", "fedavg"):
+        _forget_other_recipes_options(upgrade_raw(raw), value)
     if key in PART_KEYS and isinstance(value, str):
         table = _part_table(upgrade_raw(raw), key)
         if table.get("name") != value:
@@ -494,7 +559,10 @@ def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
             table["name"] = value
         return raw
     if part_key is not None:  # an option of a part, checked by the part when the config is parsed
-        _part_table(upgrade_raw(raw), part_key)[key[len(part_key) + 1:]] = value
+        table = _part_table(upgrade_raw(raw), part_key)
+        if part_key in _DEFAULT_PART:  # the default part, named, so that its option is checked against it
+            table.setdefault("name", _part_name(raw, part_key))
+        table[key[len(part_key) + 1:]] = value
         return raw
     if key not in _known_keys(Config) and key not in _MOVED and not key.startswith("data.options."):
         raise ConfigError(_unknown_key(tuple(key.split("."))))
@@ -508,6 +576,22 @@ def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return upgrade_raw(raw)
 
 
+def _forget_other_recipes_options(raw: dict[str, Any], algorithm: str) -> None:
+    """Drop server optimizer options set (without an optimizer name) for the algorithm being replaced.
+
+    They were meant for the old recipe's optimizer: ``server.lr = 1.0`` for FedAvg must not run FedAdam
+    at server lr 1 after ``--set algorithm=fedadam``, so the new recipe's defaults apply instead. An
+    optimizer the user named keeps its options; options set after the algorithm apply to the new one.
+    """
+    server = raw.get("server")
+    table = server.get("optimizer") if isinstance(server, dict) else None
+    if isinstance(table, dict) and "name" not in table and table:
+        log.warning("server.optimizer options %s were set for algorithm %r, not %r; the defaults of %r apply "
+                    "(set server.optimizer.* after algorithm= to change them)",
+                    dict(table), raw.get("algorithm", "fedavg"), algorithm, algorithm)
+        del server["optimizer"]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (or start from defaults when ``path`` is None), apply overrides, resolve."""
     raw: dict[str, Any] = {}
@@ -519,6 +603,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+        except RecursionError:  # tomllib recurses once per level of nested inline tables and arrays
+            raise ConfigError(f"config file {path} nests tables or lists too deeply (at most {MAX_DEPTH} levels)") \
+                from None
         raw.setdefault("name", path.stem)
     return resolve(parse_config(apply_overrides(raw, overrides or [])))
 
@@ -587,3 +674,29 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_to_toml(config: Config) -> str:
     """The config as TOML (unset optional values are omitted, since TOML has no null)."""
     return tomli_w.dumps(config_to_dict(config))
+
+
+def key_hyperparameters(config: Config) -> str:
+    """One line with the hyper-parameters that decide a run, as resolved (for ``fedgma run`` to print at start).
+
+    E.g. ``fedavg: client sgd lr 0.01 × 1 local epoch(s), batch 32 | aggregator gma τ=0.4 | server sgd lr 1 |
+    10 of 100 clients per round``. Pass a resolved config (:func:`load_config` / :func:`resolve`).
+    """
+    client = config.client
+    algorithm = config.client.algorithm.name if config.client.algorithm else RECIPES[config.algorithm].client_algorithm
+    local = f"{client.local_steps} local steps" if client.local_steps else f"{client.local_epochs} local epoch(s)"
+    extras = [f"{k} {getattr(client, k):g}" for k in ("momentum", "weight_decay", "prox_mu") if getattr(client, k)]
+    aggregator = config.server.aggregator
+    options = aggregator.options
+    agg = [f"τ={options.pop('threshold'):g}"] if "threshold" in options else []
+    agg += [k if v is True else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in options.items() if v is not False and v is not None]
+    optimizer = config.server.optimizer or Part(name=RECIPES[config.algorithm].server_optimizer)
+    server = [f"{k} {v:g}" for k, v in optimizer.options.items() if k in ("lr", "momentum") and v]
+    return " | ".join([
+        f"{config.algorithm}: client {algorithm} lr {client.lr:g} × {local}, batch {client.batch_size}"
+        + "".join(f", {e}" for e in extras),
+        " ".join([f"aggregator {aggregator.name}", *agg]),
+        " ".join([f"server {optimizer.name}", *server]),
+        f"{config.server.clients_per_round} of {config.data.num_clients} clients per round",
+    ])

@@ -19,24 +19,102 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+import annotated_types
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 __all__ = [
     "AGGREGATORS", "BACKENDS", "CLIENT_ALGORITHMS", "DATASETS", "MODELS", "NoOptions", "Options",
-    "PARTITIONERS", "Registry", "SERVER_OPTIMIZERS", "did_you_mean",
+    "PARTITIONERS", "Registry", "SERVER_OPTIMIZERS", "allowed_range", "describe_error", "did_you_mean", "field_at",
 ]
 
 T = TypeVar("T")
 
 
 class Options(BaseModel):
-    """Base of every part's options model: unknown keys are errors, values are checked on assignment."""
+    """Base of every part's options model: unknown keys are errors, values are checked on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
+    Types are strict: ``"5"`` is not a number and ``1`` is not a boolean (a TOML integer is still
+    accepted where a float is expected, and a TOML list where a tuple is).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: tuple(v) if isinstance(v, list) and k in fields and _is_tuple(fields[k].annotation) else v
+                for k, v in data.items()}
+
+
+def _is_tuple(annotation: Any) -> bool:
+    """Whether a field's type is a tuple, or a union with one (``tuple[float, ...] | None``)."""
+    if typing.get_origin(annotation) is tuple or annotation is tuple:
+        return True
+    return any(_is_tuple(arg) for arg in typing.get_args(annotation)) if typing.get_origin(annotation) in (
+        typing.Union, types.UnionType) else False
+
+
+def field_at(model: type[BaseModel], loc: Sequence[Any]) -> FieldInfo | None:
+    """The field of ``model`` at a validation error's location (nested models followed), or None."""
+    info = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = info.annotation  # type: ignore[assignment]
+    return info
+
+
+def allowed_range(info: FieldInfo | None) -> str:
+    """A field's numeric bounds as an interval (``"(0, 1000]"``, ``"[1, ∞)"``), or ``""`` if it has none."""
+    if info is None:
+        return ""
+    low, high = "(-∞", "∞)"
+    for item in info.metadata:
+        if isinstance(item, annotated_types.Gt):
+            low = f"({_number(item.gt)}"
+        elif isinstance(item, annotated_types.Ge):
+            low = f"[{_number(item.ge)}"
+        elif isinstance(item, annotated_types.Lt):
+            high = f"{_number(item.lt)})"
+        elif isinstance(item, annotated_types.Le):
+            high = f"{_number(item.le)}]"
+    return "" if (low, high) == ("(-∞", "∞)") else f"{low}, {high}"
+
+
+def _number(value: Any) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def describe_error(item: Mapping[str, Any], info: FieldInfo | None) -> str:
+    """A pydantic error item as ``message (got value)``, with the field's allowed range for a number out of range."""
+    message = str(item["msg"]).removeprefix("Value error, ")
+    value = item.get("input")
+    interval = allowed_range(info)
+    if interval and item["type"] in _RANGE_ERRORS:
+        kind = "an integer" if _is_int(info.annotation if info else None) else "a finite number"
+        return f"{message}; expected {kind} in {interval} (got {value!r})"
+    if isinstance(value, str) and item["type"] in ("int_type", "float_type", "bool_type"):
+        message += "; write it without quotes"
+    shown = "" if isinstance(value, dict) or f"{value!r}" in message else f" (got {value!r})"
+    return f"{message}{shown}"
+
+
+def _is_int(annotation: Any) -> bool:
+    return annotation is int or int in typing.get_args(annotation)
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
 
 
 class NoOptions(Options):
@@ -131,10 +209,8 @@ class Registry(Generic[T]):
         except ValidationError as error:
             first = error.errors()[0]
             option = ".".join(str(p) for p in first["loc"])
-            message = first["msg"].removeprefix("Value error, ")
-            value = first.get("input")
-            shown = "" if f"{value!r}" in message else f" (got {value!r})"
-            raise ValueError(f"{self.kind} {name!r} option {option!r}: {message}{shown}") from None
+            message = describe_error(first, field_at(entry.options, first["loc"]))
+            raise ValueError(f"{self.kind} {name!r} option {option!r}: {message}") from None
 
     def build(self, name: str, options: Mapping[str, Any] | None = None, **context: Any) -> T:
         """Validate ``options`` and build the part; ``context`` passes what is not configuration (e.g. layers)."""

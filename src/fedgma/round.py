@@ -137,9 +137,8 @@ def run_round(
 
     Raises:
         BadUpdateError: a bad reply under ``on_bad_update = "fail"``.
-        FloatingPointError: the aggregate would make the global model non-finite; the global model and
-            the client algorithm's state are left as they were (the server optimizer's moments are not:
-            stop the run and resume from a checkpoint).
+        FloatingPointError: the aggregate is non-finite or would make the global model non-finite; the
+            whole state (global model, server optimizer moments, client algorithm state) is left as it was.
     """
     dropped = dict(dropped or {})
     aggregator = make_aggregator()

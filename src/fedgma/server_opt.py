@@ -8,6 +8,11 @@ adaptivity constant τ (here ``eps``) added to √v.
 
 Each optimizer is a small object with ``step(params, pseudo_grad) -> new params`` and
 ``state_dict()`` / ``load_state_dict()`` in the style of torch.optim, so a run can be resumed.
+
+A step is transactional: the new moments are computed into new tensors and kept only if the new
+parameters are all finite. A step that returns non-finite parameters (which
+:func:`fedgma.round.run_round` refuses, raising ``FloatingPointError``) leaves the optimizer's state
+bit-identical, so the round changes nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ def _unit(name: str, value: float) -> float:
     return v
 
 
+def _finite(tensor: Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
 def _check_shapes(params: Tensor, pseudo_grad: Tensor) -> None:
     if params.shape != pseudo_grad.shape:
         raise ValueError(
@@ -77,15 +86,18 @@ class ServerSGD:
         self.velocity: Tensor | None = None
 
     def step(self, params: Tensor, pseudo_grad: Tensor) -> Tensor:
+        """The new parameters [d]; the velocity is updated only if they are all finite."""
         _check_shapes(params, pseudo_grad)
         direction = pseudo_grad
         if self.momentum > 0:
             if self.velocity is None:
-                self.velocity = pseudo_grad.clone()
+                direction = pseudo_grad.clone()
             else:
-                self.velocity.mul_(self.momentum).add_(pseudo_grad)
-            direction = self.velocity
-        return params - self.lr * direction
+                direction = self.velocity.mul(self.momentum).add_(pseudo_grad)
+        new_params = params - self.lr * direction
+        if self.momentum > 0 and _finite(new_params):
+            self.velocity = direction
+        return new_params
 
     def state_dict(self) -> dict[str, Any]:
         return {"velocity": None if self.velocity is None else self.velocity.clone()}
@@ -108,17 +120,21 @@ class _Adaptive:
         self.m: Tensor | None = None
         self.v: Tensor | None = None
 
-    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
+    def _second_moment(self, v: Tensor, g2: Tensor) -> Tensor:
+        """The new second moment from ``v`` (not modified) and g²."""
         raise NotImplementedError
 
     def step(self, params: Tensor, pseudo_grad: Tensor) -> Tensor:
+        """The new parameters [d]; m and v are updated only if they are all finite."""
         _check_shapes(params, pseudo_grad)
-        if self.m is None or self.v is None:
-            self.m = torch.zeros_like(pseudo_grad)
-            self.v = torch.full_like(pseudo_grad, self.eps**2)
-        self.m.mul_(self.beta1).add_(pseudo_grad, alpha=1 - self.beta1)
-        self._second_moment(self.v, pseudo_grad * pseudo_grad)
-        return params - self.lr * self.m / (self.v.sqrt() + self.eps)
+        m = torch.zeros_like(pseudo_grad) if self.m is None else self.m
+        v = torch.full_like(pseudo_grad, self.eps**2) if self.v is None else self.v
+        m = m.mul(self.beta1).add_(pseudo_grad, alpha=1 - self.beta1)
+        v = self._second_moment(v, pseudo_grad * pseudo_grad)
+        new_params = params - self.lr * m / (v.sqrt() + self.eps)
+        if _finite(new_params):
+            self.m, self.v = m, v
+        return new_params
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -136,8 +152,8 @@ class ServerAdam(_Adaptive):
 
     name = "adam"
 
-    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
-        v.mul_(self.beta2).add_(g2, alpha=1 - self.beta2)
+    def _second_moment(self, v: Tensor, g2: Tensor) -> Tensor:
+        return v.mul(self.beta2).add_(g2, alpha=1 - self.beta2)
 
 
 class ServerYogi(_Adaptive):
@@ -145,8 +161,8 @@ class ServerYogi(_Adaptive):
 
     name = "yogi"
 
-    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
-        v.sub_((1 - self.beta2) * g2 * torch.sign(v - g2))
+    def _second_moment(self, v: Tensor, g2: Tensor) -> Tensor:
+        return v - (1 - self.beta2) * g2 * torch.sign(v - g2)
 
 
 class ServerAdagrad(_Adaptive):
@@ -154,23 +170,23 @@ class ServerAdagrad(_Adaptive):
 
     name = "adagrad"
 
-    def _second_moment(self, v: Tensor, g2: Tensor) -> None:
-        v.add_(g2)
+    def _second_moment(self, v: Tensor, g2: Tensor) -> Tensor:
+        return v + g2
 
 
 class SGDOptions(Options):
     """Options of the ``sgd`` server optimizer (FedAvg with momentum 0, FedAvgM with momentum > 0)."""
 
-    lr: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="server learning rate η_g")
+    lr: float = Field(1.0, gt=0, le=1e3, allow_inf_nan=False, description="server learning rate η_g")
     momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball momentum β (FedAvgM, Hsu et al. 2019)")
 
 
 class AdagradOptions(Options):
     """Options of ``adagrad`` (Reddi et al. 2021, Algorithm 2: v ← v + g², so no β2)."""
 
-    lr: float = Field(0.01, gt=0, le=1e6, allow_inf_nan=False, description="server learning rate η")
+    lr: float = Field(0.01, gt=0, le=1e3, allow_inf_nan=False, description="server learning rate η")
     beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay β1")
-    eps: float = Field(1e-3, gt=0, le=1e6, allow_inf_nan=False, description="adaptivity τ; v starts at τ²")
+    eps: float = Field(1e-3, gt=0, le=1e3, allow_inf_nan=False, description="adaptivity τ; v starts at τ²")
 
 
 class AdaptiveOptions(AdagradOptions):
