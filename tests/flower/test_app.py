@@ -89,8 +89,9 @@ def test_run_config_becomes_a_resolved_config_and_unsupported_settings_are_refus
     assert config.server.optimizer.lr == 0.01  # the fedadam recipe's default, filled by resolve
     with pytest.raises(ConfigError, match="unknown config key 'data.datasett'"):
         config_from_run_config({"data.datasett": "digits"})
-    with pytest.raises(ConfigError, match="scaffold"):
-        check_supported(config_from_run_config({"data.dataset": "digits", "algorithm": "scaffold"})[0])
+    check_supported(config_from_run_config({"data.dataset": "digits", "algorithm": "scaffold"})[0])  # runs on Flower
+    with pytest.raises(ConfigError, match=r"\[faults\]"):
+        check_supported(config_from_run_config({"data.dataset": "digits", "faults.crash": 0.5})[0])
 
 
 def test_client_app_trains_exactly_like_train_client(config_path):

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -47,7 +48,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from fedgma.client import ClientResult, mean_train_loss, train_client
+from fedgma.client import ClientResult, ScaffoldClient, mean_train_loss, train_client
 from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve, set_key
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
 from fedgma.flower.strategy import FedgmaStrategy, InvalidReplyError, StreamingGrid
@@ -80,8 +81,9 @@ PARTITION_KEY = "partition-id"
 
 def check_supported(config: Config) -> None:
     """Raise ConfigError for what the Flower engine does not (yet) run."""
-    if config.client.algorithm.name == "scaffold":
-        raise ConfigError("config key 'algorithm': scaffold keeps client state and is not supported by --engine flower")
+    if config.client.algorithm.name not in ("sgd", "scaffold"):
+        raise ConfigError(f"config key 'client.algorithm': {config.client.algorithm.name!r} is not supported by "
+                          "--engine flower (sgd and scaffold are)")
     faults = getattr(config, "faults", None)
     if faults is not None and any(v for k, v in faults.model_dump().items() if k != "scale_factor"):
         raise ConfigError("config section [faults] (simulated faults) is not supported by --engine flower")
@@ -172,6 +174,49 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config[PARTITION_KEY])
 
 
+# SCAFFOLD on Flower. The server sends c (ArrayRecord SCAFFOLD_C), its run's token (SCAFFOLD_RUN) and
+# the last round in which this client's reply was committed (SCAFFOLD_COMMITTED); the client keeps its
+# c_i in its Context state (SCAFFOLD_CI) and the c_i⁺ of its latest reply as pending (SCAFFOLD_PENDING,
+# its round and the token in SCAFFOLD_META), which becomes its c_i only once the server says that
+# reply was committed: a dropped reply or a skipped round leaves c_i as it was, as on the simulator.
+# A different token (another experiment in the same Flower run) starts from c_i = 0.
+SCAFFOLD_C = "scaffold-c"
+SCAFFOLD_RUN = "scaffold-run"
+SCAFFOLD_COMMITTED = "scaffold-committed-round"
+SCAFFOLD_CI = "scaffold-ci"
+SCAFFOLD_PENDING = "scaffold-pending"
+SCAFFOLD_META = "scaffold-meta"
+
+
+def _flat_record(values: Tensor) -> ArrayRecord:
+    return ArrayRecord({"values": Array(values.detach().cpu().numpy().copy())})
+
+
+def _flat_of(record: ArrayRecord, numel: int) -> Tensor:
+    values = np.asarray(record["values"].numpy(), dtype=np.float32).reshape(-1)
+    if values.size != numel:
+        raise ValueError(f"a SCAFFOLD control variate has {values.size} values, the model {numel}")
+    return torch.from_numpy(values.copy())
+
+
+def _client_control(context: Context, run: str, committed_round: int, numel: int) -> Tensor:
+    """This client's c_i (zeros before its first committed reply), first promoting a pending c_i⁺ now committed."""
+    state = context.state
+    meta = state.config_records.get(SCAFFOLD_META)
+    if meta is None or meta["run"] != run:  # first round of this experiment here
+        for key in (SCAFFOLD_CI, SCAFFOLD_PENDING):
+            if key in state:
+                del state[key]
+        state[SCAFFOLD_META] = meta = ConfigRecord({"run": run, "pending-round": -1})
+    if SCAFFOLD_PENDING in state.array_records:
+        if int(meta["pending-round"]) == committed_round:
+            state[SCAFFOLD_CI] = state[SCAFFOLD_PENDING]
+        del state[SCAFFOLD_PENDING]  # committed now, or its reply was dropped / its round skipped
+    if SCAFFOLD_CI in state.array_records:
+        return _flat_of(state.array_records[SCAFFOLD_CI], numel)
+    return torch.zeros(numel)
+
+
 client_app = ClientApp()
 
 
@@ -195,10 +240,21 @@ def _train(msg: Message, context: Context) -> Message:
     params = record_to_params(msg.content["arrays"], client.model)
     round_index = int(config_record["server-round"])
     seed = client.config.seed
+    correction = control = server_control = None
+    if SCAFFOLD_C in msg.content.array_records:  # SCAFFOLD: gradient correction c − c_i
+        server_control = _flat_of(msg.content.array_records[SCAFFOLD_C], client.model.numel)
+        control = _client_control(context, str(config_record[SCAFFOLD_RUN]), int(config_record[SCAFFOLD_COMMITTED]),
+                                  client.model.numel)
+        correction = server_control - control
     result = train_client(
         client.model, params, client.data.clients[client_id], client.settings,
-        torch_generator(seed, "client", round_index, client_id), client_id=client_id,
+        torch_generator(seed, "client", round_index, client_id), correction=correction, client_id=client_id,
     )
+    if control is not None and server_control is not None and result.num_steps:
+        # option II, as ScaffoldClient.finish_client: c_i⁺ = c_i − c − Δ/(K η_l); kept until committed
+        pending = control + (-server_control - result.update / (result.num_steps * client.settings.lr))
+        context.state[SCAFFOLD_PENDING] = _flat_record(pending)
+        context.state.config_records[SCAFFOLD_META]["pending-round"] = round_index
     metrics = MetricRecord({
         "num-examples": int(result.num_samples),
         "train_loss": float(result.train_loss),
@@ -225,6 +281,21 @@ def _evaluate(msg: Message, context: Context) -> Message:
 # --------------------------------------------------------------------------------------------
 # The server side
 # --------------------------------------------------------------------------------------------
+
+
+class ServerScaffold(ScaffoldClient):
+    """The server side of SCAFFOLD on Flower: c only; each c_i lives on its client (Context state).
+
+    c moves as :class:`fedgma.client.ScaffoldClient` moves it, c ← c + (1/N) Σ_{i ∈ S} (c_i⁺ − c_i),
+    from c_i⁺ − c_i = −c − Δ_i/(K_i η_l), which needs no c_i; ``state_dict`` is ScaffoldClient's
+    (its c_i store stays empty).
+    """
+
+    def finish_client(self, result: ClientResult) -> None:
+        if self._delta_sum is None:
+            raise RuntimeError("scaffold: finish_client called outside a round (call begin_round first)")
+        control_delta = -self.server_control - result.update / (result.num_steps * self.settings.lr)
+        self._delta_sum += control_delta
 
 
 class FedGMA(FedgmaStrategy):
@@ -255,6 +326,12 @@ class FedGMA(FedgmaStrategy):
         self.model = model
         self.config_toml = config_to_toml(config)
         self.state = simulation.build_state(config, model, config.data.num_clients)
+        self.scaffold = config.client.algorithm.name == "scaffold"
+        if self.scaffold:
+            self.state.client_algorithm = ServerScaffold(local_settings(config), model.numel,
+                                                         config.data.num_clients)
+        self.committed_round: dict[int, int] = {}  # client -> last round whose reply from it was committed
+        self.run_token = uuid.uuid4().hex  # tells clients' SCAFFOLD state of this experiment from another's
         self.new_aggregator = simulation.aggregator_factory(config, model)
         self.connect_timeout = connect_timeout
         self.node_of_client: dict[int, int] | None = None
@@ -299,6 +376,8 @@ class FedGMA(FedgmaStrategy):
         arrays, metrics = super().aggregate_train(server_round, replies)
         outcome = self.last_round.get("outcome")
         if outcome is not None and outcome.committed:
+            for result in outcome.accepted:
+                self.committed_round[result.client_id] = server_round
             self.last_update_norm = float(outcome.update.norm())
             self.last_round["stats"] = {k: v for k, v in outcome.stats.items() if not isinstance(v, torch.Tensor)}
             self.last_round["algorithm_stats"] = dict(outcome.algorithm_stats)
@@ -349,6 +428,7 @@ class FedGMA(FedgmaStrategy):
             self.config.seed, server_round, self.config.data.num_clients, self.config.server.clients_per_round
         )
         online = set(grid.get_node_ids())  # the SuperLink lists the nodes it holds online (heartbeats)
+        control = _flat_record(self.state.client_algorithm.server_control) if self.scaffold else None
         messages = []
         self.unreachable = []
         for client_id in self.sampled:
@@ -361,8 +441,13 @@ class FedGMA(FedgmaStrategy):
             content = ConfigRecord({
                 **config, "server-round": server_round, "client-id": client_id, EXPERIMENT_KEY: self.config_toml,
             })
-            messages.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: content}),
-                                    dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
+            records: dict[str, Any] = {self.arrayrecord_key: arrays, self.configrecord_key: content}
+            if self.scaffold:
+                records[SCAFFOLD_C] = control
+                content[SCAFFOLD_COMMITTED] = self.committed_round.get(client_id, 0)
+                content[SCAFFOLD_RUN] = self.run_token
+            messages.append(Message(RecordDict(records), dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
         log(INFO, "configure_train: round %d, clients %s", server_round, self.sampled)
         return messages
 
