@@ -2,6 +2,9 @@
 
 Every value is validated when the config is loaded; a bad value or an unknown key raises
 :class:`ConfigError` with the dotted key, what is allowed, and a did-you-mean for misspellings.
+Types are strict (``rounds = "5"`` is refused; a TOML integer is accepted where a float is
+expected), numbers have finite upper bounds (``MAX_RATE`` … ``MAX_SHIFT`` below: ``client.lr = 1e300``
+is refused with the allowed range), and a file nested deeper than ``MAX_DEPTH`` levels is one line.
 
 The parts a run is composed of are each configured by their own table, validated by the part
 itself (:mod:`fedgma.registry`): ``[server.aggregator]``, ``[server.optimizer]``,
