@@ -290,3 +290,12 @@ def test_plural() -> None:
     from fedgma.report.write import plural
 
     assert (plural(1, "run"), plural(2, "run"), plural(0, "configuration")) == ("1 run", "2 runs", "0 configurations")
+
+
+def test_layer_names_are_readable() -> None:
+    from fedgma.report.figures import layer_names
+
+    assert layer_names(["1.weight", "1.bias", "3.weight", "3.bias"]) == {
+        "1.weight": "layer 1 weights", "1.bias": "layer 1 biases", "3.weight": "layer 2 weights",
+        "3.bias": "layer 2 biases"}
+    assert layer_names(["conv.weight", "w"]) == {"conv.weight": "layer 1 weights (conv)", "w": "w"}

@@ -15,7 +15,7 @@ from fedgma.report.tables import number
 #: The range of a fraction (mask density, agreement): intervals are cut to it.
 UNIT = (0.0, 1.0)
 
-__all__ = ["group_name", "plot_curves", "plot_gains", "plot_mask", "plot_tau"]
+__all__ = ["group_name", "layer_names", "plot_curves", "plot_gains", "plot_mask", "plot_tau"]
 
 
 def _pyplot() -> Any:
@@ -47,7 +47,7 @@ def _series(runs: list[RunRecord], key: str, source: str = "metrics") -> tuple[l
 
 
 def _band(ax: Any, runs: list[RunRecord], key: str, label: str, source: str = "metrics", scale: float = 1.0,
-          bounds: tuple[float, float] | None = None, **style: Any) -> None:
+          bounds: tuple[float, float] | None = None, band: bool = True, **style: Any) -> None:
     """The mean of ``key`` over ``runs`` as a line, with its 95% interval over seeds shaded (cut to
     ``bounds``, e.g. 0-100 for an accuracy in %: two seeds give a t-interval 12.7 std wide)."""
     rounds, mean, half = _series(runs, key, source)
@@ -58,7 +58,7 @@ def _band(ax: Any, runs: list[RunRecord], key: str, label: str, source: str = "m
     high = [min(high_bound, scale * (m + h)) for m, h in zip(mean, half, strict=True)]
     (line,) = ax.plot(rounds, [scale * m for m in mean], label=label, marker="o" if len(rounds) < 3 else None,
                       markersize=4, **style)
-    if any(h > 0 for h in half):
+    if band and any(h > 0 for h in half):
         ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
@@ -146,6 +146,8 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
     if not groups:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     sweep = len({g.threshold for g in groups}) > 2  # a τ sweep: one panel, one line per τ
     if sweep:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
@@ -161,39 +163,61 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
         fig.suptitle(f"{title}: GMA mask over rounds (mean and 95% interval over seeds)", fontsize=11)
     else:
         groups = sorted(groups, key=lambda g: (g.algorithm, g.threshold or 0))
-        fig, axes = plt.subplots(len(groups), 3, figsize=(14, 3.4 * len(groups)), squeeze=False)
+        fig, axes = plt.subplots(len(groups), 3, figsize=(14, 4.4 * len(groups)), squeeze=False,
+                                 layout="constrained")
         for row, group in enumerate(groups):
             ax_density, ax_agree, ax_hist = axes[row]
-            _band(ax_density, group.runs, "mask_density", "all coordinates", source="rounds", bounds=UNIT,
-                  color="black")
             layers = _layers(group.runs[0])
-            for layer in layers:
-                _band(ax_density, group.runs, f"mask_density/{layer}", layer, source="rounds", bounds=UNIT, linewidth=1)
+            names = layer_names(layers)
+            for layer in layers:  # per layer: the mean line only, so the bands do not hide each other
+                _band(ax_density, group.runs, f"mask_density/{layer}", names[layer], source="rounds", bounds=UNIT,
+                      linewidth=1, band=False)
+            _band(ax_density, group.runs, "mask_density", "all coordinates", source="rounds", bounds=UNIT,
+                  color="black", linewidth=2)
             ax_density.set_title(f"{group_name(group)}: mask density", fontsize=9)
             ax_density.set_ylabel("mean of mask")
             _band(ax_agree, group.runs, "agreement_mean", "mean agreement", source="rounds", bounds=UNIT)
             _band(ax_agree, group.runs, "mask_pass_fraction", "fraction with agreement ≥ τ", source="rounds",
                   bounds=UNIT)
-            ax_agree.set_title("sign agreement", fontsize=9)
-            ax_agree.set_ylabel("value")
+            ax_agree.set_title("sign agreement (all coordinates)", fontsize=9)
+            ax_agree.set_ylabel("fraction")
             for layer in layers:
                 hist = _mean_histogram(group.runs, f"agreement_histogram/{layer}")
                 if hist:
-                    ax_hist.stairs(hist, [i / len(hist) for i in range(len(hist) + 1)], label=layer, linewidth=1.5)
+                    ax_hist.stairs(hist, [i / len(hist) for i in range(len(hist) + 1)], label=names[layer],
+                                   linewidth=1.5)
             ax_hist.axvline(group.threshold or 0, color="red", linestyle="--", label=f"τ = {group.threshold:g}")
-            ax_hist.set_title("agreement histogram per layer (10 bins, all rounds)", fontsize=9)
+            ax_hist.set_title("agreement histogram per layer (all rounds and seeds)", fontsize=9)
             ax_hist.set_xlabel("sign agreement |mean sign|")
             ax_hist.set_ylabel("fraction of coordinates")
             for ax in (ax_density, ax_agree):
                 ax.set_xlabel("round")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             for ax in (ax_density, ax_agree, ax_hist):
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=6)
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
         fig.suptitle(f"{title}: GMA mask statistics (mean and 95% interval over seeds)", fontsize=11)
-    fig.tight_layout()
+    if sweep:
+        fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def layer_names(layers: list[str]) -> dict[str, str]:
+    """Readable names of flat-vector layers: ``"1.weight"`` → ``"layer 1 weights"`` (layers numbered from 1 in
+    order of first appearance of their module), ``"1.bias"`` → ``"layer 1 biases"``; other names stay."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in layers if "." in name))
+    names = {}
+    for name in layers:
+        module, _, kind = name.rpartition(".")
+        if not module:
+            names[name] = name
+            continue
+        number = modules.index(module) + 1
+        shown = {"weight": "weights", "bias": "biases"}.get(kind, kind.replace("_", " "))
+        names[name] = f"layer {number} {shown}" + ("" if module.isdigit() else f" ({module})")
+    return names
 
 
 def plot_tau(family: list[Group], base: Group | None, path: Path, title: str) -> Path:
