@@ -282,7 +282,7 @@ def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_title(f"{name}: GMA's gain", fontsize=10)
         ax.grid(alpha=0.3, axis="x")
         low, high = ax.get_xlim()
-        bound = max(abs(low), abs(high), 0.5)
+        bound = 1.1 * max(abs(low), abs(high), 0.5)  # a margin: no marker on the frame
         ax.set_xlim(-bound, bound)  # 0 in the middle: gains right, losses left
     seeds = sorted({r["seeds"] for r in rows})
     shown = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
