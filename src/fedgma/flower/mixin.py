@@ -463,6 +463,11 @@ class GMAMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global_arrays is None:  # as Flower's FedAvgM / FedOpt: the model set as current_arrays
+            current = getattr(self, "current_arrays", None)
+            if isinstance(current, dict):  # FedOpt keeps {name: ndarray}
+                current = ArrayRecord({k: Array(np.asarray(v)) for k, v in current.items()})
+            self._global_arrays = current
         if self._global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train: the global model is unknown")
         fold = ReplyAggregator(
@@ -497,7 +502,9 @@ class GMAMixin:
         for name, value in stats.items():
             if isinstance(value, (int, float)) and "/" not in name:
                 metrics[f"gma-{name.replace('_', '-')}"] = value
-        return self._server_step(server_round, aggregated, fold), metrics
+        stepped = self._server_step(server_round, aggregated, fold)
+        self._global_arrays = stepped  # the next round's model, unless configure_train says otherwise
+        return stepped, metrics
 
     def _server_step(self, server_round: int, aggregated: dict[str, np.ndarray], fold: ReplyAggregator) -> ArrayRecord:
         """Apply the base strategy's server step (FedAvgM momentum, FedAdam moments, …) to the aggregate."""
