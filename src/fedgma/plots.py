@@ -166,8 +166,11 @@ def partition_heatmap(statistics: dict[str, Any], path: str | Path, options: dic
                           clip_on=True)
     entropy = statistics.get("mean_entropy")
     detail = f"; mean label entropy {entropy:.2f} nats (IID: {np.log(classes):.2f})" if entropy is not None else ""
+    kinds = list(dict.fromkeys(str(d) for d in domains)) if domains else []
+    shown = ", ".join(kinds[:6]) + (", ..." if len(kinds) > 6 else "")
+    domain_text = f", {len(kinds)} domains ({shown})" if kinds else ""
     fig.suptitle(f"Class fractions per client: {partition_title(statistics, options)}\n"
-                 f"{clients} clients, {classes} classes{detail}", fontsize=10)
+                 f"{clients} clients, {classes} classes{domain_text}{detail}", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
