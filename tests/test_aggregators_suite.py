@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedgma.ablations import gma_random_mask, mean_density_scaled
 from fedgma.aggregation import gma, make_aggregator, mean
 from fedgma.krum import krum
 from fedgma.registry import AGGREGATORS
@@ -34,6 +35,8 @@ VARIANTS: dict[str, list[dict]] = {
     "gma": [{}, {"hard": True}, {"weighted_agreement": True}, {"threshold": 1.0}],
     "trimmed_mean": [{}, {"trim_fraction": 0.3}],
     "krum": [{}, {"num_byzantine": 2, "num_selected": 3}, {"num_byzantine": 0, "num_selected": 7}],
+    "gma_random_mask": [{}, {"hard": True}],
+    "mean_density_scaled": [{}, {"hard": True}],
 }
 CASES = [pytest.param(name, options, id=f"{name}{options or ''}") for name in NAMES for options in
          VARIANTS.get(name, [{}])]
@@ -43,6 +46,8 @@ ONE_SHOT = {
     "mean": lambda updates, weights: mean(updates, weights),
     "gma": lambda updates, weights, **options: gma(updates, weights, **options)[0],
     "krum": lambda updates, weights, **options: krum(updates, weights, **options),
+    "gma_random_mask": lambda updates, weights, **options: gma_random_mask(updates, weights, **options)[0],
+    "mean_density_scaled": lambda updates, weights, **options: mean_density_scaled(updates, weights, **options)[0],
 }
 # Rules without a one-shot form, and why.
 NO_ONE_SHOT = {
@@ -52,6 +57,11 @@ NO_ONE_SHOT = {
 # Rules that do not return a single client's update unchanged, and why.
 NOT_IDENTITY_ON_ONE_CLIENT = {
     "krum": "needs K > 2·num_byzantine + 2 updates (Blanchard et al. 2017) and refuses a round of one",
+}
+# Rules that return a single client's update unchanged only when it has no zero coordinate, and why.
+IDENTITY_ONLY_WITHOUT_ZEROS = {
+    "gma_random_mask": "a zero coordinate has agreement 0, and the random placement moves its mask value 0 elsewhere",
+    "mean_density_scaled": "a zero coordinate has agreement 0, so GMA's density (the step's scale) drops below 1",
 }
 # Clients every generic test gives a rule (enough for each variant above, e.g. Krum with f = 2 needs 7).
 K = 8
@@ -100,7 +110,7 @@ def test_every_rule_declares_its_one_shot_form_or_why_it_has_none(name):
 
 
 def test_the_exception_tables_name_only_registered_rules():
-    for table in (VARIANTS, ONE_SHOT, NO_ONE_SHOT, NOT_IDENTITY_ON_ONE_CLIENT):
+    for table in (VARIANTS, ONE_SHOT, NO_ONE_SHOT, NOT_IDENTITY_ON_ONE_CLIENT, IDENTITY_ONLY_WITHOUT_ZEROS):
         assert set(table) <= set(NAMES), set(table) - set(NAMES)
     for name, variants in VARIANTS.items():
         for options in variants:
@@ -186,10 +196,12 @@ def test_scaling_every_weight_by_c_changes_nothing(name, options, data, scale):
 @pytest.mark.parametrize(("name", "options"), [c for c in CASES if c.values[0] not in NOT_IDENTITY_ON_ONE_CLIENT])
 @pytest.mark.parametrize("seed", range(3))
 def test_a_single_client_update_is_returned_unchanged(name, options, seed):
+    zeros = name not in IDENTITY_ONLY_WITHOUT_ZEROS
     update, _ = _gaussian(seed, 1, 200)
-    update[0][::7] = 0.0  # zero coordinates too (no sign vote for GMA)
+    update[0][::7] = 0.0 if zeros else 0.5  # zero coordinates too (no sign vote for GMA)
     assert torch.equal(_streamed(name, options, update, [1.0])[0], update[0])
     dyadic = torch.randint(-64, 65, (200,), generator=torch.Generator().manual_seed(seed)).float() / 8
+    dyadic[dyadic == 0] = 0.0 if zeros else 0.125
     assert torch.equal(_streamed(name, options, [dyadic], [37.0])[0], dyadic)  # a sample count as weight
 
 

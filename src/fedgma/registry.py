@@ -219,7 +219,7 @@ class Registry(Generic[T]):
 
 
 AGGREGATORS: Registry[Any] = Registry(
-    "aggregator", "server.aggregator", ["fedgma.aggregation", "fedgma.robust", "fedgma.krum"]
+    "aggregator", "server.aggregator", ["fedgma.aggregation", "fedgma.robust", "fedgma.krum", "fedgma.ablations"]
 )
 SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer", "server.optimizer", ["fedgma.server_opt"])
 CLIENT_ALGORITHMS: Registry[Any] = Registry("client algorithm", "client.algorithm", ["fedgma.client"])

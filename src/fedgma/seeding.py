@@ -14,6 +14,7 @@ __all__ = ["PURPOSES", "numpy_rng", "seed_sequence", "torch_generator"]
 
 PURPOSES = {
     "partition": 1, "init": 2, "sampling": 3, "client": 4, "data": 5, "faults": 6, "domains": 7, "validation": 8,
+    "aggregation": 9,
 }
 
 

@@ -16,6 +16,8 @@ uninterrupted run. ``[faults]`` injects crashes, stragglers, NaN and Byzantine r
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import logging
@@ -54,6 +56,7 @@ from fedgma.faults import NO_REPLY, attack_update, label_flip_clients, poison_la
 from fedgma.models import FlatModel, build_model
 from fedgma.plots import write_partition_files
 from fedgma.progress import ProgressBar  # re-exported: simulation.ProgressBar
+from fedgma.registry import AGGREGATORS
 from fedgma.robust import with_clipping
 from fedgma.round import BadUpdateError, ReplyPolicy, ServerState, run_round
 from fedgma.seeding import numpy_rng, torch_generator
@@ -159,13 +162,20 @@ def build_state(config: Config, model: FlatModel, num_clients: int, run_dir: Pat
     return ServerState(0, model.params.clone(), server_optimizer, client_algorithm)
 
 
-def aggregator_factory(config: Config, model: FlatModel) -> Callable[[], Aggregator]:
-    """A maker of fresh aggregators for each round: ``[server.aggregator]``, behind ``server.clip_norm``."""
+def aggregator_factory(config: Config, model: FlatModel) -> Callable[..., Aggregator]:
+    """A maker of fresh aggregators for each round: ``[server.aggregator]``, behind ``server.clip_norm``.
+
+    ``make(round_index=0)``: a rule whose factory takes a ``generator`` (e.g. ``gma_random_mask``) gets
+    ``torch_generator(seed, "aggregation", round_index)``, so its randomness is set by the seed and the
+    round (a resumed run draws the same); the other rules get only ``layers`` and ``check_finite``.
+    """
     part, clip_norm = config.server.aggregator, config.server.clip_norm
     make_aggregator(part.name, layers=model.layers, **part.options)  # fail now, not in round 1
+    random = "generator" in inspect.signature(AGGREGATORS.entry(part.name).factory).parameters
 
-    def make() -> Aggregator:
-        return with_clipping(make_aggregator(part.name, layers=model.layers, **part.options), clip_norm)
+    def make(round_index: int = 0) -> Aggregator:
+        context = {"generator": torch_generator(config.seed, "aggregation", round_index)} if random else {}
+        return with_clipping(AGGREGATORS.build(part.name, part.options, layers=model.layers, **context), clip_norm)
 
     return make
 
@@ -276,7 +286,8 @@ def _run(config: Config, run_dir: Path, progress: bool, data: FederatedDataset |
                                     state.client_algorithm)
             if faults:
                 replies = _with_attacks(replies, faults, config.faults.scale_factor)
-            state, outcome = run_round(state, round_index, replies, new_aggregator, policy, dropped=no_reply)
+            state, outcome = run_round(state, round_index, replies, functools.partial(new_aggregator, round_index),
+                                       policy, dropped=no_reply)
 
             # -- log, evaluate, checkpoint ------------------------------------------------------
             round_stats = _scalar_stats(outcome.stats)
