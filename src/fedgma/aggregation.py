@@ -98,15 +98,19 @@ def _check_threshold(threshold: float) -> float:
 
 # Updates are folded in over chunks of the flat vector: each chunk of an update is read from memory
 # once and its weighted add and sign add then run on the cached chunk, and the sign of a chunk goes
-# to a chunk-sized scratch buffer instead of a d-sized one. A chunk is no larger than ATen's grain
-# size (32768 elements), so every chunk operation runs on one thread, whatever the thread count:
-# the result does not depend on it, and the streaming and list forms (same chunk boundaries, same
-# per-element operations in the same client order) give bit-identical numbers. Large vectors are
-# split into contiguous runs of chunks, one per intra-op thread, run from a small thread pool.
-# Float32 CPU updates take the compiled kernel of fedgma.native instead when it is available: it
-# does the weighted add, sign and sign add in one loop over the same element-wise operations (same
-# bits), four clients per sweep over a cached block, which reaches the memory-bandwidth floor.
+# to a chunk-sized scratch buffer instead of a d-sized one. Every operation is element-wise, so the
+# result depends neither on the chunk size nor on the thread count: the streaming and list forms
+# (the same per-element operations in the same client order) give bit-identical numbers. On the
+# PyTorch path a chunk is TORCH_CHUNK elements (the chunk's sums and scratch, 3 x 256 KiB at 2^16,
+# stay in the core's L2 cache); larger chunks fall out of L2, smaller ones pay PyTorch's per-call
+# overhead (3 calls per client and chunk). That is with one intra-op thread; with several, the
+# vector is split into contiguous runs, one per thread of a small pool, each folded in chunks of
+# CHUNK = ATen's grain size, so that every operation stays on its pool thread (see _torch_fold).
+# Float32 CPU updates take the compiled kernel of fedgma.native instead when it is enabled: the same
+# element-wise operations (same bits) in one loop, four clients per sweep over a cached block, over
+# the same runs.
 CHUNK = 32768
+TORCH_CHUNK = 1 << 16
 _MIN_CHUNKS_PER_THREAD = 8
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -149,41 +153,85 @@ def _fold_into(
     same element-wise operations in the same order, so the same bits, in one pass.
     """
     numel = weighted_sum.numel()
-    starts = list(range(0, numel, CHUNK))
     kernel = _native_kernel(weighted_sum, sign_sum, updates)
-    if kernel is not None:
-        native_fold = kernel.prepare(updates, weights, sign_weights)
+    if kernel is None:
+        _torch_fold(weighted_sum, sign_sum, updates, weights, sign_weights)
+        return
+    starts = list(range(0, numel, CHUNK))
+    native_fold = kernel.prepare(updates, weights, sign_weights)
 
     def run(first: int, last: int) -> None:
-        if kernel is not None:
-            native_fold(weighted_sum, sign_sum, starts[first] if first < len(starts) else numel,
-                        starts[last] if last < len(starts) else numel)
-            return
-        buffer = None if sign_sum is None else torch.empty(min(CHUNK, numel), dtype=updates[0].dtype,
-                                                          device=sign_sum.device)  # a sign is exact in any dtype
-        for start in starts[first:last]:
-            end = min(start + CHUNK, numel)
-            total = weighted_sum[start:end]
-            if sign_sum is None:
-                for update, w in zip(updates, weights, strict=True):
-                    total.add_(update[start:end], alpha=w)
-                continue
-            signs = sign_sum[start:end]
-            scratch = buffer[: end - start]  # type: ignore[index]
-            for update, w, sw in zip(updates, weights, sign_weights, strict=True):
-                chunk = update[start:end]
-                total.add_(chunk, alpha=w)
-                torch.sign(chunk, out=scratch)
-                signs.add_(scratch, alpha=sw)
+        native_fold(weighted_sum, sign_sum, starts[first] if first < len(starts) else numel,
+                    starts[last] if last < len(starts) else numel)
 
     threads = min(torch.get_num_threads(), len(starts) // _MIN_CHUNKS_PER_THREAD)
-    if threads <= 1 or weighted_sum.device.type != "cpu":
+    if threads <= 1:
         run(0, len(starts))
         return
     bounds = [len(starts) * i // threads for i in range(threads + 1)]
     futures = [_thread_pool(threads).submit(run, bounds[i], bounds[i + 1]) for i in range(threads)]
     for future in futures:
         future.result()
+
+
+def _torch_fold(
+    weighted_sum: Tensor,
+    sign_sum: Tensor | None,
+    updates: Sequence[Tensor],
+    weights: Sequence[float],
+    sign_weights: Sequence[float],
+) -> None:
+    """The PyTorch path of :func:`_fold_into`: per chunk, per client, ``add_``, ``sign`` and ``add_``."""
+    numel = weighted_sum.numel()
+    cpu = weighted_sum.device.type == "cpu"
+    if not cpu:  # an accelerator: no cache to keep a chunk in, one call per client and sum
+        _fold_run(weighted_sum, sign_sum, updates, weights, sign_weights, 0, numel, max(numel, 1))
+        return
+    if torch.get_num_threads() == 1:  # operations run on this thread: chunks as large as L2 allows
+        _fold_run(weighted_sum, sign_sum, updates, weights, sign_weights, 0, numel, TORCH_CHUNK)
+        return
+    # Several threads: contiguous runs of chunks of at most ATen's grain size (32768), so that no
+    # operation opens an OpenMP region of its own from a pool thread (nested teams oversubscribe the
+    # cores, and under load every per-call barrier waits for a descheduled thread: measured 30x slower).
+    starts = list(range(0, numel, CHUNK))
+    threads = min(torch.get_num_threads(), len(starts) // _MIN_CHUNKS_PER_THREAD)
+    if threads <= 1:
+        _fold_run(weighted_sum, sign_sum, updates, weights, sign_weights, 0, numel, CHUNK)
+        return
+    bounds = [starts[len(starts) * i // threads] for i in range(threads)] + [numel]
+    futures = [_thread_pool(threads).submit(_fold_run, weighted_sum, sign_sum, updates, weights, sign_weights,
+                                            bounds[i], bounds[i + 1], CHUNK) for i in range(threads)]
+    for future in futures:
+        future.result()
+
+
+def _fold_run(
+    weighted_sum: Tensor,
+    sign_sum: Tensor | None,
+    updates: Sequence[Tensor],
+    weights: Sequence[float],
+    sign_weights: Sequence[float],
+    first: int,
+    last: int,
+    chunk: int,
+) -> None:
+    """Fold elements ``[first, last)`` of every update in, ``chunk`` elements at a time."""
+    scratch_all = None if sign_sum is None else torch.empty(min(chunk, last - first), dtype=updates[0].dtype,
+                                                            device=sign_sum.device)  # a sign is exact in any dtype
+    for start in range(first, last, chunk):
+        end = min(start + chunk, last)
+        total = weighted_sum[start:end]
+        if sign_sum is None:
+            for update, w in zip(updates, weights, strict=True):
+                total.add_(update[start:end], alpha=w)
+            continue
+        signs = sign_sum[start:end]
+        scratch = scratch_all[: end - start]  # type: ignore[index]
+        for update, w, sw in zip(updates, weights, sign_weights, strict=True):
+            part = update[start:end]
+            total.add_(part, alpha=w)
+            torch.sign(part, out=scratch)
+            signs.add_(scratch, alpha=sw)
 
 
 def _native_kernel(weighted_sum: Tensor, sign_sum: Tensor | None, updates: Sequence[Tensor]) -> FoldKernel | None:
