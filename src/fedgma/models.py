@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from fedgma import fastgrad
 from fedgma.aggregation import Layer
+from fedgma.registry import MODELS, NoOptions
 
 __all__ = ["FlatModel", "available_models", "build_model", "init_parameters"]
 
@@ -94,16 +94,15 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return input_shape  # type: ignore[return-value]
 
 
-_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
-    "mlp": mlp,
-    "cnn": cnn,
-    "logreg": logreg,
-    "resnet": resnet,
-}
+MODELS.register("mlp", mlp, NoOptions, "two hidden layers of 200 ReLU units (McMahan et al. 2017)")
+MODELS.register("cnn", cnn, NoOptions, "two 5x5 conv layers + 512 dense (McMahan et al. 2017)")
+MODELS.register("logreg", logreg, NoOptions, "multinomial logistic regression")
+MODELS.register("resnet", resnet, NoOptions, "a small ResNet with GroupNorm")
 
 
 def available_models() -> list[str]:
-    return sorted(_MODELS)
+    """Names of every registered model (``model.name`` in a config), sorted."""
+    return MODELS.names()
 
 
 @torch.no_grad()
@@ -122,10 +121,13 @@ def init_parameters(module: nn.Module, generator: torch.Generator) -> None:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, generator: torch.Generator) -> nn.Module:
-    """Build a model by name, its parameters drawn from ``generator``."""
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    model = _MODELS[name](tuple(input_shape), num_classes)
+    """Build the registered model ``name`` for inputs of ``input_shape`` (one example, e.g. [1, 28, 28])
+    and ``num_classes`` outputs, its parameters drawn from ``generator``.
+
+    Raises:
+        ValueError: an unknown model (with a did-you-mean), or inputs the model cannot take.
+    """
+    model = MODELS.build(name, {}, input_shape=tuple(input_shape), num_classes=num_classes)
     init_parameters(model, generator)
     return model
 
