@@ -143,3 +143,46 @@ def test_select_lr_refuses_the_test_set_and_too_few_seeds():
         select_lr({1.0: {0: val([0.5])}})
     with pytest.raises(ValueError, match="validation_fraction"):
         select_lr({1.0: {0: curve([0.5]), 1: curve([0.5])}})
+
+
+# -- server-lr grids on a log2 scale that widen at an edge (fedgma.sweep) -----------------------------------------
+
+
+def test_log2_grid():
+    from fedgma.sweep import log2_grid
+
+    assert log2_grid(1.0, 2, 3) == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    with pytest.raises(ValueError, match="center > 0"):
+        log2_grid(0.0, 1, 1)
+
+
+def test_widen_lr_grid_adds_doublings_beyond_the_edge_only():
+    from fedgma.sweep import widen_lr_grid
+
+    assert widen_lr_grid({0.5: 0.7, 1.0: 0.8, 2.0: 0.9}) == [4.0]  # top edge
+    assert widen_lr_grid({0.5: 0.9, 1.0: 0.8, 2.0: 0.7}, steps=2) == [0.125, 0.25]  # bottom edge, two halvings
+    assert widen_lr_grid({0.5: 0.7, 1.0: 0.9, 2.0: 0.8}) == []  # interior
+    assert widen_lr_grid({1.0: 0.5}) == [0.5, 2.0]  # one lr: both edges
+    assert widen_lr_grid({0.5: 0.9, 1.0: 0.9, 2.0: 0.1}) == [0.25]  # a tie goes to the smaller lr
+    assert widen_lr_grid({64.0: 0.1, 128.0: 0.2, 256.0: 0.3}) == []  # at the cap 2^8
+    assert widen_lr_grid({64.0: 0.1, 128.0: 0.2}, steps=3) == [256.0]  # stops at the cap
+    assert widen_lr_grid({0.5: 0.7, 1.0: 0.9, 2.0: 0.8}, best=2.0) == [4.0]  # a pick made elsewhere
+    with pytest.raises(ValueError, match="not in the grid"):
+        widen_lr_grid({1.0: 0.5}, best=3.0)
+
+
+def test_tune_lr_widens_until_the_best_is_interior():
+    from fedgma.sweep import tune_lr
+
+    asked = []
+
+    def score(lrs):  # a validation score peaking at lr 8 (the Synthetic case: the top of a grid up to 2)
+        asked.append(list(lrs))
+        return {lr: -abs(math.log2(lr) - 3) for lr in lrs}
+
+    best, scores = tune_lr(score, [0.5, 1.0, 2.0])
+    assert best == 8.0
+    assert asked == [[0.5, 1.0, 2.0], [4.0], [8.0], [16.0]]
+    assert sorted(scores) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    with pytest.raises(RuntimeError, match="still on an edge"):
+        tune_lr(score, [0.5, 1.0, 2.0], max_widenings=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -34,7 +35,10 @@ from fedgma.checkpoint import (
 )
 from fedgma.config import Config, ConfigError, load_config, parse_value
 
-__all__ = ["DIVERGED", "FAILED", "SweepError", "SweepRun", "expand_grid", "parse_grid", "plan_sweep", "run_sweep"]
+__all__ = [
+    "DIVERGED", "FAILED", "LR_CAP", "SweepError", "SweepRun", "expand_grid", "log2_grid", "parse_grid", "plan_sweep",
+    "run_sweep", "tune_lr", "widen_lr_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,86 @@ def expand_grid(grid: Sequence[tuple[str, list[Any]]]) -> list[tuple[str, ...]]:
         tuple(f"{k}={_format_value(v)}" for k, v in zip(keys, combo, strict=True))
         for combo in itertools.product(*(values for _, values in grid))
     ]
+
+
+# Server lrs are never widened past these: [2^-12, 2^8] (a pick at a cap is reported as such, not widened).
+LR_CAP = (2.0**-12, 2.0**8)
+
+
+def log2_grid(center: float, below: int, above: int) -> list[float]:
+    """``center · 2^k`` for k = −below, ..., above: a server-lr grid on a log2 scale, ascending.
+
+    Raises:
+        ValueError: a non-positive or non-finite center, or negative counts.
+    """
+    if not (center > 0 and math.isfinite(center)) or below < 0 or above < 0:
+        raise ValueError(f"log2_grid needs a finite center > 0 and counts ≥ 0, got {center!r}, {below}, {above}")
+    return [center * 2.0**k for k in range(-below, above + 1)]
+
+
+def widen_lr_grid(scores: Mapping[float, float], steps: int = 1, cap: tuple[float, float] = LR_CAP,
+                  best: float | None = None) -> list[float]:
+    """The server lrs to add to a log2 grid whose pick lies on an edge; ``[]`` when the pick is interior.
+
+    The pick (``best``, else the lr of highest score, the smallest on a tie) is an edge when it is the
+    grid's smallest or largest lr: then the next ``steps`` halvings below the smallest (or doublings
+    above the largest) are returned, keeping those inside ``cap`` (inclusive). A one-lr grid is on
+    both edges. Run the returned lrs, score them, and call again until it returns ``[]``: the best lr
+    is then interior (its neighbours on both sides scored lower) or at a cap.
+
+    Args:
+        scores: lr -> score (e.g. :func:`fedgma.report.protocol.select_lr`'s ``scores``: mean over
+            tuning seeds of last-20% validation accuracy); lrs > 0.
+        steps: how many factors of 2 to go beyond the edge (≥ 1).
+        cap: the smallest and largest lr ever proposed.
+        best: the chosen lr, if chosen elsewhere; must be one of ``scores``.
+
+    Returns:
+        The new lrs, ascending; none already in ``scores``.
+
+    Raises:
+        ValueError: no scores, a non-positive lr, ``steps`` < 1, or ``best`` not in ``scores``.
+    """
+    if not scores:
+        raise ValueError("no lr scores to widen from")
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    grid = sorted(float(lr) for lr in scores)
+    if grid[0] <= 0:
+        raise ValueError(f"server lrs must be > 0, got {grid[0]!r}")
+    if best is None:
+        best = max(grid, key=lambda lr: (scores[lr], -lr))
+    elif best not in scores:
+        raise ValueError(f"best lr {best!r} is not in the grid {grid}")
+    extra = []
+    if best == grid[0]:
+        extra += [grid[0] / 2.0**k for k in range(1, steps + 1)]
+    if best == grid[-1]:
+        extra += [grid[-1] * 2.0**k for k in range(1, steps + 1)]
+    low, high = cap
+    return sorted(lr for lr in set(extra) if low <= lr <= high and lr not in scores)
+
+
+def tune_lr(score: Callable[[list[float]], Mapping[float, float]], grid: Sequence[float], steps: int = 1,
+            cap: tuple[float, float] = LR_CAP, max_widenings: int = 6) -> tuple[float, dict[float, float]]:
+    """Score ``grid``, then widen it (:func:`widen_lr_grid`) until the best lr is interior or at a cap.
+
+    ``score(lrs)`` runs (or reads) the tuning runs of ``lrs`` and returns lr -> score, e.g. a resumable
+    ``fedgma sweep`` over ``server.optimizer.lr`` scored by :func:`fedgma.report.protocol.select_lr`.
+    Returns ``(best lr, every lr's score)``.
+
+    Raises:
+        RuntimeError: still on an edge after ``max_widenings`` widenings (say so rather than report an edge).
+    """
+    scores = dict(score(sorted(grid)))
+    for _ in range(max_widenings):
+        extra = widen_lr_grid(scores, steps, cap)
+        if not extra:
+            return max(scores, key=lambda lr: (scores[lr], -lr)), scores
+        scores.update(score(extra))
+    if widen_lr_grid(scores, steps, cap):
+        raise RuntimeError(f"server lr still on an edge of {sorted(scores)} after {max_widenings} widenings")
+    return max(scores, key=lambda lr: (scores[lr], -lr)), scores
 
 
 def _format_value(value: Any) -> str:
