@@ -11,8 +11,9 @@ Parts:
   ``plain`` is a straightforward PyTorch loop: ``model.load_state_dict(global)``, a fresh
   ``torch.optim.SGD``, DataLoader-free index batching (``x[idx]`` on in-memory tensors, the order
   from ``torch.randperm`` with the same per-client generator as fedgma), a weighted average of the
-  state dicts. ``sequential`` / ``vectorized`` / ``multiprocess`` are fedgma's backends, with the
-  mean aggregator and the server step of FedAvg, as ``fedgma.simulation`` does them.
+  state dicts (the baseline). ``sequential`` / ``vectorized`` / ``multiprocess`` are fedgma's
+  backends, each round run by ``fedgma.round.run_round`` (the function ``fedgma.simulation.run``
+  calls: reply checks, the mean aggregator, FedAvg's server step) over a ``ServerState``.
 * ``agg``: K updates of d float32: one read of every float (the bandwidth floor), a Flower-style
   weighted mean (numpy: scale every update, ``reduce(np.add)``, divide, as flwr's ``aggregate``),
   ``fedgma.aggregation.mean`` and ``gma`` on the list, and streaming ``GMAAggregator``.
@@ -122,7 +123,9 @@ def run_train(args) -> dict:
     from fedgma.backends import make_backend
     from fedgma.client import LocalSGD, PlainClient
     from fedgma.models import FlatModel, build_model
+    from fedgma.round import ReplyPolicy, ServerState, run_round
     from fedgma.seeding import torch_generator
+    from fedgma.server_opt import make_server_optimizer
 
     kind, threads = STEP_MODES[args.mode]
     torch.set_num_threads(threads)
@@ -141,23 +144,20 @@ def run_train(args) -> dict:
         final = torch.cat([v.reshape(-1) for v in state.values()])
     else:
         model = FlatModel(module)
-        params = model.params.clone()
+        state = ServerState(0, model.params.clone(), make_server_optimizer("sgd", lr=1.0), PlainClient(settings))
+        policy = ReplyPolicy(model.numel)
         options = {"workers": os.cpu_count()} if kind == "multiprocess" else {}
         backend = make_backend(kind, model, data, settings, 0, **options)
-        algorithm = PlainClient(settings)
         try:
             for r in range(1, args.rounds + 1):
                 start = time.perf_counter()
-                aggregator, steps = MeanAggregator(), 0
-                for result in backend.train(params, _sample(r, 100, 10), r, algorithm):
-                    aggregator.add(result.update, result.num_samples)
-                    steps += result.num_steps
-                params = params + aggregator.average()
+                replies = backend.train(state.params, _sample(r, 100, 10), r, state.client_algorithm)
+                state, outcome = run_round(state, r, replies, MeanAggregator, policy)
                 times.append(time.perf_counter() - start)
-                steps_per_round.append(steps)
+                steps_per_round.append(outcome.local_steps)
         finally:
             backend.close()
-        final = params
+        final = state.params
     return {"round_s": times, "steps": steps_per_round, "checksum": float(final.double().abs().sum()),
             "peak_mb": max(_status_mb("VmHWM"), _children_peak_mb() if kind == "multiprocess" else 0.0)}
 
@@ -227,7 +227,9 @@ def run_scale(args) -> dict:
     from fedgma.backends import make_backend
     from fedgma.client import ControlVariateStore, LocalSGD, ScaffoldClient
     from fedgma.models import FlatModel, build_model
+    from fedgma.round import ReplyPolicy, ServerState, run_round
     from fedgma.seeding import torch_generator
+    from fedgma.server_opt import make_server_optimizer
 
     data = _federated(0.5, args.population, partition="iid")
     model = FlatModel(build_model("mlp", data.input_shape, data.num_classes, torch_generator(0, "init")))
@@ -239,17 +241,11 @@ def run_scale(args) -> dict:
     rss_after_data = _status_mb("VmRSS")
     _reset_peak()
     start = time.perf_counter()
+    state = ServerState(0, params, make_server_optimizer("sgd", lr=1.0), algorithm)
+    policy = ReplyPolicy(model.numel)
     for r in range(1, args.rounds + 1):
-        aggregator = MeanAggregator()
-        algorithm.begin_round(params)
-        results = []
-        for result in backend.train(params, _sample(r, args.population, args.per_round), r, algorithm):
-            algorithm.finish_client(result)
-            aggregator.add(result.update, result.num_samples)
-            result.update = None
-            results.append(result)
-        algorithm.end_round(results)
-        params = params + aggregator.average()
+        replies = backend.train(state.params, _sample(r, args.population, args.per_round), r, algorithm)
+        state, _ = run_round(state, r, replies, MeanAggregator, policy)
     return {"rounds": args.rounds, "clients_with_state": len(algorithm.store), "spilled": algorithm.store.num_spilled,
             "control_gb": len(algorithm.store) * model.numel * 4 / 2**30, "round_s": (time.perf_counter() - start)
             / args.rounds, "rss_after_data_mb": rss_after_data, "peak_mb": _status_mb("VmHWM")}
