@@ -201,6 +201,15 @@ class MultiprocessBackend:
     def train(
         self, params: Tensor, client_ids: Sequence[int], round_index: int, algorithm: ClientAlgorithm
     ) -> Iterator[ClientResult]:
+        """Train ``client_ids`` from ``params``; yield their results in the order of the ids.
+
+        Each result's ``update`` [d] is a view of the client's shared-memory slot, not a copy (the
+        parent copies nothing while the workers train): it stays valid until the next call of
+        ``train``; clone it to keep it longer.
+
+        Raises:
+            RuntimeError: a client failed in its worker (with the worker's traceback) or a worker died.
+        """
         if self._pending is not None:  # a previous round's generator was abandoned: let its clients finish
             for _ in self._pending:
                 pass
@@ -250,7 +259,8 @@ class MultiprocessBackend:
                         for _ in range(count):
                             receive(worker, client_id)
                     raise RuntimeError(f"multiprocess worker {owner[c]} failed on client {client_id}:\n{error}")
-                yield ClientResult(client_id, updates[slot_of[c]].clone(), num_samples, num_steps, train_loss)
+                # a view of the client's slot, not a copy: valid until the next call of train
+                yield ClientResult(client_id, updates[slot_of[c]], num_samples, num_steps, train_loss)
 
         self._pending = collect()
         yield from self._pending

@@ -164,7 +164,7 @@ def update_problem(update: Any, numel: int, max_norm: float | None = None) -> st
         return f"sent an update of shape {tuple(update.shape)}, expected ({numel},)"
     if not update.is_floating_point():
         return f"sent an update of dtype {update.dtype}, expected a floating-point tensor"
-    bad = int((~torch.isfinite(update)).sum())
+    bad = 0 if math.isfinite(float(update.sum())) else int((~torch.isfinite(update)).sum())  # one pass if finite
     if bad:
         return f"sent an update with {bad} NaN/infinite value(s)"
     if max_norm is not None:
