@@ -451,7 +451,7 @@ def upgrade_raw(raw: dict[str, Any]) -> dict[str, Any]:
         elif value != default:
             raise ConfigError(
                 f"config key {old!r} is now '{target}.{option}', and {registry.kind} {name!r} does not take "
-                f"{option!r}; remove it, or pick a {registry.kind} that takes it"
+                f"{option!r}; remove it, or pick another {registry.kind} that takes it"
             )
     return raw
 
