@@ -1,0 +1,171 @@
+"""Stage the science suite of issue 15 (where does GMA help?): a coarse stage, then the full one.
+
+    python scripts/science.py coarse [--out runs/science] [--jobs 2] [--study NAME ...]
+    python scripts/science.py full   [--out runs/science] [--jobs 2] [--study NAME ...]
+    python scripts/science.py coarse --smoke --out /tmp/science-smoke   # digits, 2 rounds: checks the script
+
+The studies are in configs/science/suite.toml (each a grid of config overrides on configs/science/base.toml,
+crossed with the aggregators compared). For every point of a study and every aggregator:
+
+* **coarse**: one seed (``coarse_seed``), a short horizon (``coarse_rounds``); the server lr starts at the
+  recipe's default times ``coarse_lrs`` and is widened on a log2 scale while the pick is on an edge
+  (:func:`fedgma.sweep.tune_lr`). Picks go to ``<out>/coarse/lrs.json``.
+* **full**: the grid {pick/2, pick, 2·pick} around the coarse pick (widened the same way), tuned on the
+  ``tuning_seeds`` (≥ 2) by validation accuracy averaged over the last 20% of rounds
+  (:func:`fedgma.report.protocol.select_lr`); then the ``evaluation_seeds`` (≥ 5, disjoint) at the chosen lr,
+  which is what reports compare. Picks go to ``<out>/full/lrs.json``.
+
+Every run is a ``fedgma sweep`` run (:func:`fedgma.sweep.plan_sweep` / :func:`~fedgma.sweep.run_sweep`):
+finished runs are skipped and interrupted ones resume from their checkpoint, so running a stage again
+after an interruption loses nothing. Each stage appends to ``<out>/stages.jsonl`` when it starts and when
+it ends: the commit (and whether the tree had uncommitted changes), wall time and process time (CPU seconds
+of this process and its workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedgma.checkpoint import read_jsonl
+from fedgma.config import load_config
+from fedgma.report.protocol import check_seeds, select_lr
+from fedgma.sweep import DIVERGED, log2_grid, plan_sweep, run_sweep, tune_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "configs" / "science" / "suite.toml"
+BASE = ROOT / "configs" / "science" / "base.toml"
+# --smoke: scikit-learn's digits, 2 rounds, every evaluation; checks the machinery in seconds.
+SMOKE = ["data.dataset=digits", "data.num_clients=10", "data.partition.min_size=5", "rounds=2", "eval_every=1",
+         "client.batch_size=16", "client.lr=0.05"]
+
+
+def commit() -> dict[str, Any]:
+    """The checked-out commit and whether the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def process_s() -> float:
+    """CPU seconds (user + system) of this process and its finished children (sweep workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def points(study: dict[str, Any]) -> list[list[str]]:
+    """Every combination of a study's grid as ``key=value`` overrides (values written as TOML)."""
+    grid = study.get("grid", {})
+    keys = list(grid)
+    return [[f"{k}={_toml(v)}" for k, v in zip(keys, combo, strict=True)] for combo in product(*grid.values())]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value.startswith(("{", '"')) else json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _name(overrides: list[str]) -> str:
+    text = "_".join(o.split(".")[-1] if "{" not in o else o for o in overrides).replace('"', "") or "base"
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip("-")
+
+
+class Stage:
+    def __init__(self, name: str, out: Path, jobs: int, smoke: bool, protocol: dict[str, Any]) -> None:
+        self.name, self.out, self.jobs, self.smoke, self.protocol = name, out / name, jobs, smoke, protocol
+
+    def runs(self, folder: Path, overrides: list[str], lr: float, first_seed: int, seeds: int) -> list[Path]:
+        """Run (or reuse) ``seeds`` seeds from ``first_seed`` at server lr ``lr``; their folders."""
+        plan = plan_sweep(BASE, [("server.optimizer.lr", [lr])], seeds, folder,
+                          [*overrides, f"seed={first_seed}"])
+        run_sweep(plan, self.jobs)
+        return [run.run_dir for run in plan]
+
+    def scores(self, folder: Path, overrides: list[str], seeds: list[int], min_seeds: int):
+        def score(lrs: list[float]) -> dict[float, float]:
+            by_lr = {}
+            for lr in lrs:
+                dirs = self.runs(folder, overrides, lr, seeds[0], len(seeds))
+                by_lr[lr] = {i: None if (d / DIVERGED).is_file() else read_jsonl(d / "metrics.jsonl")
+                             for i, d in enumerate(dirs)}
+            return select_lr(by_lr, fraction=self.protocol["fraction"], min_seeds=min_seeds).scores
+
+        return score
+
+
+def run_stage(stage: Stage, suite: dict[str, Any], studies: list[str]) -> dict[str, Any]:
+    protocol = suite["protocol"]
+    picks: dict[str, Any] = {}
+    coarse = {} if stage.name == "coarse" else json.loads((stage.out.parent / "coarse" / "lrs.json").read_text())
+    for name in studies:
+        study = suite["studies"][name]
+        for point in points(study):
+            for method in study["methods"]:
+                overrides = [*(SMOKE if stage.smoke else []), *study.get("overrides", []), *point,
+                             f"server.aggregator={{name = {json.dumps(method)}}}"]
+                key = f"{name}/{_name(point)}/{method}"
+                folder = stage.out / name / _name(point) / method
+                if stage.name == "coarse":
+                    overrides.append(f"rounds={2 if stage.smoke else protocol['coarse_rounds']}")
+                    default = load_config(BASE, overrides).server.optimizer.lr
+                    grid = [default * f for f in protocol["coarse_lrs"]]
+                    score = stage.scores(folder / "tuning", overrides, [protocol["coarse_seed"]], 1)
+                    best, scores = tune_lr(score, grid)
+                    picks[key] = {"lr": best, "scores": {f"{lr:g}": s for lr, s in sorted(scores.items())}}
+                    continue
+                tuning = protocol["tuning_seeds"]
+                evaluation = study.get("evaluation_seeds", protocol["evaluation_seeds"])
+                check_seeds(tuning, evaluation, min_evaluation=3 if "evaluation_seeds" in study else 5)  # the CNN: 3
+                score = stage.scores(folder / "tuning", overrides, tuning, 2)
+                best, scores = tune_lr(score, log2_grid(coarse[key]["lr"], 1, 1))
+                stage.runs(folder / "evaluation", overrides, best, evaluation[0], len(evaluation))
+                picks[key] = {"lr": best, "scores": {f"{lr:g}": s for lr, s in sorted(scores.items())}}
+            (stage.out / "lrs.json").write_text(json.dumps(picks, indent=2))
+    return picks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=["coarse", "full"])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "science")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--study", action="append", help="only these studies (repeatable); default: all")
+    parser.add_argument("--smoke", action="store_true", help="digits, 2 rounds: check the script, not the science")
+    args = parser.parse_args(argv)
+    suite = tomllib.loads(SUITE.read_text())
+    studies = args.study or list(suite["studies"])
+    unknown = sorted(set(studies) - set(suite["studies"]))
+    if unknown:
+        parser.error(f"unknown studies {unknown}; known: {', '.join(suite['studies'])}")
+    stage = Stage(args.stage, args.out, args.jobs, args.smoke, suite["protocol"])
+    stage.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "stages.jsonl"
+    start, cpu = time.time(), process_s()
+    record = {"stage": args.stage, "studies": studies, "smoke": args.smoke, **commit(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with log.open("a") as file:
+        file.write(json.dumps({**record, "event": "start"}) + "\n")
+    picks = run_stage(stage, suite, studies)
+    with log.open("a") as file:
+        file.write(json.dumps({**record, "event": "end", "wall_s": round(time.time() - start, 1),
+                               "process_s": round(process_s() - cpu, 1), "points": len(picks)}) + "\n")
+    print(f"{args.stage}: {len(picks)} points in {time.time() - start:.0f} s; lrs in {stage.out / 'lrs.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
