@@ -113,3 +113,17 @@ def test_low_precision_updates_aggregate_with_realistic_sample_counts(dtype) -> 
 
 def test_accumulation_dtype() -> None:
     assert [accumulation_dtype(t) for t in DTYPES] == [torch.float32, torch.float32, torch.float32, torch.float64]
+
+
+def test_statistics_are_the_bits_of_the_float_formulas() -> None:
+    """mask_pass_fraction counts without a float copy; it must equal float((A >= τ).float().mean()) exactly."""
+    generator = torch.Generator().manual_seed(1)
+    updates = [torch.randn(300_001, generator=generator) for _ in range(7)]
+    aggregator = GMAAggregator(threshold=0.4)
+    for k, u in enumerate(updates):
+        aggregator.add(u, 3 + k)
+    agreement = aggregator.agreement()
+    _, stats = aggregator.result()
+    assert stats["mask_pass_fraction"] == float((agreement >= 0.4).float().mean())
+    assert stats["agreement_mean"] == float(agreement.mean())
+    assert stats["mask_density"] == float(torch.where(agreement < 0.4, agreement, 1.0).mean())

@@ -505,7 +505,8 @@ def _fraction(flags: Tensor) -> float:
     """
     if flags.numel() >= 1 << 24 or flags.device.type != "cpu":
         return float(flags.float().mean())
-    return float(torch.tensor(float(int(flags.sum())), dtype=torch.float32).div_(flags.numel()))
+    count = int(torch.count_nonzero(flags))  # flags.sum() would cast to a d-sized int64 temporary
+    return float(torch.tensor(float(count), dtype=torch.float32).div_(flags.numel()))
 
 
 def _histogram(values: Tensor, chunk: int = 1 << 16) -> list[int]:
