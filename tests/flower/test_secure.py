@@ -191,9 +191,9 @@ def _server_app():
 
 
 def test_secure_gma_on_flowers_runtime_equals_plaintext_gma_and_survives_one_dropout_among_5():
-    from fedgma.server_opt import make_server_optimizer
-
     from flower_sim import simulate  # beside this file (rootdir conftest puts it on sys.path)
+
+    from fedgma.server_opt import make_server_optimizer
 
     RECORDED.clear()
     simulate(_server_app(), _client_app(), num_supernodes=5)
