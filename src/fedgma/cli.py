@@ -77,9 +77,10 @@ def _default_run_dir(config: Any) -> Path:
 @click.option("--engine", type=click.Choice(["fedgma", "flower"]),
               help="Shortcut for --set engine=...; flower: Flower's simulation engine (pip install 'fedgma[flower]').")
 @click.option("--overwrite", is_flag=True, help="Replace a run of another config already in --out.")
+@click.option("--verbose", is_flag=True, help="--engine flower: show Flower's log (kept in RUN_DIR/flower.log).")
 @_user_errors
 def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, device: str | None, quiet: bool,
-        resume_dir: str | None, engine: str | None = None, overwrite: bool = False) -> None:
+        resume_dir: str | None, engine: str | None = None, overwrite: bool = False, verbose: bool = False) -> None:
     """Run one experiment from a TOML config, or --resume an interrupted one."""
     from fedgma.config import ConfigError, load_config
     from fedgma.simulation import run as simulate
@@ -105,7 +106,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, de
         check_device(config.device)  # before anything is written
         run_dir = Path(out) if out else _default_run_dir(config)
         if config.engine == "flower":
-            summary = _run_on_flower(config, run_dir, progress=not quiet)
+            summary = _run_on_flower(config, run_dir, progress=not quiet, overwrite=overwrite, verbose=verbose)
         else:
             summary = _simulate(simulate, config, run_dir, quiet, overwrite=overwrite)
     final = summary["final"]
@@ -146,7 +147,8 @@ def _simulate(simulate: Callable[..., dict[str, Any]], config: Any, run_dir: Pat
         sys.exit(130)
 
 
-def _run_on_flower(config: Any, run_dir: Path, progress: bool) -> dict[str, Any]:
+def _run_on_flower(config: Any, run_dir: Path, progress: bool, overwrite: bool = False,
+                   verbose: bool = False) -> dict[str, Any]:
     """``engine = "flower"``: the same experiment on Flower's simulation engine (fedgma.flower.app)."""
     from fedgma.config import ConfigError
 
@@ -154,7 +156,7 @@ def _run_on_flower(config: Any, run_dir: Path, progress: bool) -> dict[str, Any]
         from fedgma.flower.app import run_flower
     except ImportError as error:
         raise ConfigError(f"config key 'engine': 'flower' needs the Flower extra: {error}") from None
-    return run_flower(config, run_dir, progress=progress)
+    return run_flower(config, run_dir, progress=progress, overwrite=overwrite, verbose=verbose or None)
 
 
 def _run_config(run_dir: Path) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,33 @@ def test_engine_flower_matches_fedgma_engine_on_digits(config_path, tmp_path):
     assert [r["clients"] for r in rounds] == [r["clients"] for r in ours_rounds]  # same client sampling
     assert summary["final"]["test_accuracy"] > summary["initial"]["test_accuracy"]
     assert ours["final"]["test_accuracy"] == pytest.approx(summary["final"]["test_accuracy"], abs=0.005)
+
+
+def test_serve_writes_final_files_atomically_and_holds_the_lock(config_path, tmp_path, monkeypatch):
+    """The ServerApp (here in this process, on Flower's simulation runtime) locks the run folder for the run's
+    life and writes config.toml, final_model.pt and summary.json (last) through checkpoint.atomic_write."""
+    from flower_sim import simulate
+
+    from fedgma.checkpoint import FolderInUseError, atomic_write, final_files_problem, lock_folder
+    from fedgma.flower import app as flower_app
+
+    out = tmp_path / "served"
+    written, locked = [], []
+
+    def recording_write(path, data):
+        written.append(Path(path).name)
+        try:
+            with lock_folder(out, "probe"):
+                locked.append(False)
+        except FolderInUseError:
+            locked.append(True)
+        atomic_write(path, data)
+
+    monkeypatch.setattr(flower_app, "atomic_write", recording_write)
+    config = load_config(config_path, ["engine=flower", "data.num_clients=4", "server.clients_per_round=4"])
+    simulate(flower_app.make_server_app(config, out), client_app, 4)
+    assert written == ["config.toml", "final_model.pt", "summary.json"]
+    assert all(locked)
+    assert final_files_problem(out) is None
+    with lock_folder(out, "probe"):  # released at the end
+        pass

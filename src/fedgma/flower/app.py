@@ -28,10 +28,18 @@ data set once per config and keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 import tomllib
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -48,11 +57,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
+from fedgma.checkpoint import atomic_write, lock_folder, read_json
 from fedgma.client import ClientResult, ScaffoldClient, mean_train_loss, train_client
 from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve, set_key
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
 from fedgma.flower.strategy import FedgmaStrategy, InvalidReplyError, StreamingGrid
 from fedgma.models import FlatModel, build_model
+from fedgma.progress import ProgressBar
 from fedgma.seeding import torch_generator
 from fedgma.simulation import evaluate, local_settings, sample_clients
 
@@ -130,16 +141,20 @@ def record_to_params(record: ArrayRecord, model: FlatModel) -> Tensor:
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """A resolved Config from a Flower run config (the experiment keys, dotted), and the app's own keys.
 
-    The app's own keys are ``run-dir`` (where to write the run folder; empty: nowhere) and
-    ``round-timeout`` (seconds to wait for a round's replies).
+    The app's own keys are ``run-dir`` (where to write the run folder; empty: nowhere),
+    ``round-timeout`` (seconds to wait for a round's replies), ``overwrite`` (replace a finished run
+    of another config in ``run-dir``), ``run-dir-locked`` (the process that started the run holds the
+    run folder's lock: :func:`run_flower`) and ``fedgma-config`` (a whole experiment config as TOML,
+    which the dotted keys, if any, then override).
     """
-    raw: dict[str, Any] = {}
-    own = {"run-dir": "", "round-timeout": 600.0}
+    own: dict[str, Any] = {"run-dir": "", "round-timeout": 600.0, "overwrite": False, "run-dir-locked": False,
+                           EXPERIMENT_KEY: ""}
+    for key in own.keys() & run_config.keys():
+        own[key] = run_config[key]
+    raw: dict[str, Any] = tomllib.loads(str(own[EXPERIMENT_KEY])) if own[EXPERIMENT_KEY] else {}
     for key, value in run_config.items():
-        if key in own:
-            own[key] = value
-            continue
-        set_key(raw, key, value)
+        if key not in own:
+            set_key(raw, key, value)
     return resolve(parse_config(raw)), own
 
 
@@ -473,22 +488,44 @@ def _integer(metrics: MetricRecord, key: str) -> int:
 
 
 def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool = False,
-          round_timeout: float = 600.0) -> dict[str, Any]:
+          round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True) -> dict[str, Any]:
     """The ServerApp's work: run ``config`` on the nodes of ``grid``; write the run folder; return the summary.
 
     The run folder has the files :func:`fedgma.simulation.run` writes (``config.toml``,
     ``partition.json``, ``rounds.jsonl``, ``metrics.jsonl``, ``summary.json`` last,
-    ``final_model.pt``), with ``"engine": "flower"`` in the summary.
+    ``final_model.pt``), with ``"engine": "flower"`` in the summary, and the same safety:
+    ``config.toml``, ``final_model.pt`` and ``summary.json`` are written atomically
+    (:func:`fedgma.checkpoint.atomic_write`; ``summary.json`` last, the "finished" mark), the folder
+    is locked for the run's life (:func:`fedgma.checkpoint.lock_folder`; ``lock=False`` when the
+    caller already holds it, as :func:`run_flower` does), and a folder holding a finished run of
+    another config is refused (:class:`~fedgma.checkpoint.RunFolderError`) unless ``overwrite``.
     """
+    out = Path(run_dir) if run_dir else None
+    if out is None or not lock:
+        return _serve(grid, config, out, progress, round_timeout, overwrite)
+    with lock_folder(out, "run"):
+        return _serve(grid, config, out, progress, round_timeout, overwrite)
+
+
+def _start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
+    """Refuse a folder holding another config's results (unless ``overwrite``); clear an old run's files."""
+    from fedgma import simulation
+
+    if not overwrite:
+        simulation._refuse_another_config(out, config)
+    simulation._clear_run(out)
+
+
+def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_timeout: float,
+           overwrite: bool) -> dict[str, Any]:
     from fedgma import simulation
 
     check_supported(config)
     start_time = time.perf_counter()
-    out = Path(run_dir) if run_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)
-        (out / "config.toml").write_text(config_to_toml(config))
+        _start_run_folder(out, config, overwrite)
+        atomic_write(out / "config.toml", config_to_toml(config).encode())
     if config.threads:
         torch.set_num_threads(config.threads)
     data = build_data(config)
@@ -570,19 +607,21 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     summary["initial"] = initial
     summary["engine"] = "flower"
     if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        torch.save({"round": config.rounds, "params": state.get("final", params).cpu()}, out / "final_model.pt")
+        model_bytes = io.BytesIO()
+        torch.save({"round": config.rounds, "params": state.get("final", params).cpu()}, model_bytes)
+        atomic_write(out / "final_model.pt", model_bytes.getvalue())
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())  # last: the "finished" mark
     return summary
 
 
 def make_server_app(config: Config, run_dir: str | Path | None, progress: bool = False,
-                    round_timeout: float = 600.0) -> ServerApp:
-    """A ServerApp that runs ``config`` (for ``run_simulation`` from Python)."""
+                    round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True) -> ServerApp:
+    """A ServerApp that runs ``config`` (:func:`serve`), for running in this process (tests)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, config, run_dir, progress, round_timeout)
+        serve(grid, config, run_dir, progress, round_timeout, overwrite, lock)
 
     return app
 
@@ -594,52 +633,200 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     """``flwr run``: the experiment is the app's run config ([tool.flwr.app.config], --run-config)."""
     config, own = config_from_run_config(dict(context.run_config))
-    serve(grid, config, own["run-dir"] or None, False, float(own["round-timeout"]))
+    serve(grid, config, own["run-dir"] or None, False, float(own["round-timeout"]), bool(own["overwrite"]),
+          not own["run-dir-locked"])
+
+
+# --------------------------------------------------------------------------------------------
+# fedgma run --engine flower: `flwr run` against a SuperLink of its own
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def flower_app_files(config: Config, run_dir: Path, round_timeout: float = 600.0) -> dict[str, str]:
+    """The files of a one-run Flower app (its ``pyproject.toml``): fedgma's ServerApp and ClientApp, and
+    the experiment as the app's run config (the resolved config as TOML under ``fedgma-config``)."""
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedgma-run", "version": "1.0.0", "description": "one fedgma run on Flower",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedgma",
+            "components": {"serverapp": "fedgma.flower.app:server_app", "clientapp": "fedgma.flower.app:client_app"},
+            "config": {"run-dir": str(run_dir.resolve()), "round-timeout": float(round_timeout),
+                       "overwrite": True, "run-dir-locked": True, EXPERIMENT_KEY: config_to_toml(config)},
+        }}},
+    }
+    return {"pyproject.toml": tomli_w.dumps(project)}
+
+
+class LocalSuperLink:
+    """A SuperLink in simulation mode on a free loopback port, for one ``flwr run``; ended on ``close``.
+
+    Everything lives in ``root`` (its own ``FLWR_HOME`` naming the SuperLink ``fedgma``, the app,
+    the SuperLink's log); the SuperLink runs in its own session and ``close`` ends its whole process
+    group (SuperLink, SuperExec, the simulation process and Ray's workers), SIGTERM then SIGKILL.
+    """
+
+    NAME = "fedgma"
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None, start_timeout: float = 60.0) -> None:
+        self.root = root
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / "superlink.log"
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ, **(env or {}),
+            "FLWR_HOME": str(self.home),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the apps run in this environment
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's FutureWarning about num_gpus=0
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        for _attempt in range(3):  # a free port may be taken between the probe and the bind
+            self.port = _free_port()
+            if self._start(start_timeout):
+                break
+        else:
+            raise RuntimeError(f"flower-superlink did not start; see {self.log_path}:\n{self.tail()}")
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.NAME}"\n\n[superlink.{self.NAME}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def _start(self, timeout: float) -> bool:
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+                 "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            if f"running on http://127.0.0.1:{self.port}" in self.log_path.read_text(errors="replace"):
+                return True
+            time.sleep(0.1)
+        self.close()
+        return False
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self, grace_s: float = 10.0) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=grace_s)
+        with contextlib.suppress(ProcessLookupError):  # the group may outlive its leader
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+def _follow_progress(run_dir: Path, bar: Any, done: threading.Event) -> None:
+    """Drive ``bar`` from the run folder's logs while the ServerApp (another process) writes them."""
+    seen_rounds = seen_metrics = 0
+    while True:
+        finished = done.wait(0.5)
+        with contextlib.suppress(OSError, ValueError):
+            rounds = (run_dir / "rounds.jsonl").read_text().splitlines()
+            metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+            for line in metrics[seen_metrics:]:
+                record = json.loads(line)
+                bar.update(int(record["round"]), record)
+                seen_metrics += 1
+            complete = [line for line in rounds if line.endswith("}")]
+            if len(complete) > seen_rounds:
+                seen_rounds = len(complete)
+                bar.update(int(json.loads(complete[-1])["round"]))
+        if finished:
+            return
 
 
 def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_cpus: int | None = None,
-               client_cpus: float = 1.0, verbose: bool | None = None) -> dict[str, Any]:
+               client_cpus: float = 1.0, verbose: bool | None = None, overwrite: bool = False,
+               round_timeout: float = 600.0) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation runtime (Ray), one virtual SuperNode per client; return the summary.
 
-    Writes the same run folder as :func:`fedgma.simulation.run`. ``num_cpus`` caps the CPUs Ray
-    may use (default: all), ``client_cpus`` is what one ClientApp reserves. Flower logs at WARNING
-    unless ``verbose`` (default: the environment variable ``FEDGMA_VERBOSE=1``).
+    The way flwr 1.41 asks for (its Python ``run_simulation`` is deprecated in favour of ``flwr run``):
+    starts a SuperLink in simulation mode on a free loopback port (:class:`LocalSuperLink`), ``flwr
+    run``s a one-run Flower app of fedgma's ServerApp and ClientApp (:func:`flower_app_files`) on it,
+    and ends the SuperLink and everything it started when the run is over (or fails, or is
+    interrupted). Writes the same run folder as :func:`fedgma.simulation.run`, with the same safety:
+    the folder is locked for the run's life, a finished run of another config is refused
+    (:class:`~fedgma.checkpoint.RunFolderError`) unless ``overwrite``, and the final files are written
+    atomically; Flower's log (the run's log stream) is kept in ``flower.log`` in the run folder.
 
-    Flower 1.41 deprecates the Python ``run_simulation`` wrapper in favour of ``flwr run`` (what
-    ``examples/flower-app`` does); this in-process engine calls the simulation runtime that both
-    use, ``flwr.simulation.run_simulation._run_simulation``, without the deprecated wrapper.
+    ``num_cpus`` caps the CPUs Ray may use (default: all), ``client_cpus`` (whole CPUs) is what one
+    ClientApp reserves. Flower's output is shown only if ``verbose`` (default: ``FEDGMA_VERBOSE=1``).
 
     Raises:
-        ConfigError: a setting the Flower engine does not run. RuntimeError: the run ended without a summary.
+        ConfigError: a setting the Flower engine does not run. FolderInUseError, RunFolderError: see above.
+        RuntimeError: the run ended without a summary (with the end of Flower's log).
     """
-    import logging
-
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-
     check_supported(config)
+    if client_cpus != int(client_cpus) or client_cpus < 1:
+        raise ConfigError(f"client_cpus must be a whole number of CPUs ≥ 1 on Flower's simulation runtime, "
+                          f"got {client_cpus}")
     if verbose is None:
         verbose = os.environ.get("FEDGMA_VERBOSE", "") == "1"
-    flwr_logger = logging.getLogger("flwr")
-    saved_level = flwr_logger.level
-    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    backend_config = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "log_to_driver": bool(verbose),
-                      "logging_level": "INFO" if verbose else "ERROR"},
+    run_dir = Path(run_dir)
+    federation = {
+        "num-supernodes": config.data.num_clients,
+        "client-resources-num-cpus": int(client_cpus),  # whole CPUs: Flower's simulation config has an integer
+        "client-resources-num-gpus": 0.0,
+        "init-args-num-cpus": int(num_cpus or os.cpu_count() or 1),
+        "init-args-log-to-driver": bool(verbose),
+        "init-args-logging-level": "INFO" if verbose else "ERROR",
     }
-    try:
-        _run_simulation(
-            num_supernodes=config.data.num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=make_server_app(config, run_dir, progress),
-            backend_name="ray",
-            backend_config=backend_config,
-        )
-    finally:
-        flwr_logger.setLevel(saved_level)
-    summary_path = Path(run_dir) / "summary.json"
+    with lock_folder(run_dir, "run"):
+        _start_run_folder(run_dir, config, overwrite)  # before Flower starts: a refusal costs nothing
+        with tempfile.TemporaryDirectory(prefix="fedgma-flower-") as tmp:
+            root = Path(tmp)
+            app = root / "app"
+            app.mkdir()
+            for name, text in flower_app_files(config, run_dir, round_timeout).items():
+                (app / name).write_text(text)
+            superlink = LocalSuperLink(root)
+            bar = ProgressBar(config.rounds, progress)
+            done = threading.Event()
+            follower = threading.Thread(target=_follow_progress, args=(run_dir, bar, done), daemon=True)
+            follower.start()
+            try:
+                with open(run_dir / "flower.log", "w") as flower_log:
+                    command = [str(Path(sys.executable).parent / "flwr"), "run", str(app), LocalSuperLink.NAME,
+                               "--stream", "--federation-config",
+                               " ".join(f"{key}={json.dumps(value)}" for key, value in federation.items())]
+                    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          env=superlink.env, cwd=root, text=True, errors="replace") as stream:
+                        assert stream.stdout is not None
+                        for line in stream.stdout:
+                            flower_log.write(line)
+                            if verbose:
+                                sys.stdout.write(line)
+            finally:
+                done.set()
+                follower.join(timeout=5)
+                bar.close()
+                superlink.close()
+    summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        raise RuntimeError(f"the Flower simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+        lines = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-40:]
+        raise RuntimeError(f"the Flower run ended without writing {summary_path}; the end of "
+                           f"{run_dir / 'flower.log'}:\n" + "\n".join(lines))
+    return read_json(summary_path)

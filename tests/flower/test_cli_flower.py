@@ -1,0 +1,140 @@
+"""`fedgma run --engine flower` from the command line: quiet unless --verbose, and the run folder's safety.
+
+The engine `flwr run`s a one-run Flower app on a SuperLink of its own (flwr 1.41's way; no deprecated
+``run_simulation``), so these tests run the real command in a subprocess and read what it printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedgma.checkpoint import FolderInUseError, RunFolderError, final_files_problem, lock_folder  # noqa: E402
+from fedgma.config import ConfigError, load_config  # noqa: E402
+from fedgma.flower.app import config_from_run_config, flower_app_files, run_flower  # noqa: E402
+
+pytestmark = pytest.mark.flower
+
+CONFIG = """
+seed = 1
+rounds = 2
+eval_every = 1
+algorithm = "fedavg"
+threads = 1
+
+[data]
+dataset = "digits"
+partition = { name = "dirichlet", alpha = 1.0, min_size = 5 }
+num_clients = 3
+
+[model]
+name = "mlp"
+
+[client]
+local_epochs = 1
+batch_size = 32
+lr = 0.05
+
+[server]
+aggregator = "gma"
+clients_per_round = 3
+"""
+
+FEDGMA = str(Path(sys.executable).parent / "fedgma")
+
+
+def _fedgma(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FEDGMA_VERBOSE": ""}
+    return subprocess.run([FEDGMA, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _flower_lines(text: str) -> list[str]:
+    """Lines of Flower's logger (``INFO :``, ``WARNING :``, ...) and deprecation notices in ``text``."""
+    return [line for line in text.splitlines()
+            if any(mark in line for mark in ("INFO ", "WARNING ", "DEPRECATED", "FutureWarning", "ClientAppActor"))]
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_default_run_is_quiet_verbose_shows_flower_and_another_config_is_refused(config_path, tmp_path):
+    out = tmp_path / "run"
+    quiet = _fedgma("run", str(config_path), "--engine", "flower", "--quiet", "--out", str(out))
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    printed = quiet.stdout + quiet.stderr
+    assert _flower_lines(printed) == [], printed  # no Flower INFO line, no deprecation warning
+    assert all(line.startswith(str(out)) for line in printed.strip().splitlines()), printed  # fedgma's lines only
+    assert "final test accuracy" in quiet.stdout
+    log = (out / "flower.log").read_text()
+    assert "INFO" in log and "DEPRECATED" not in log  # Flower's log is kept in the run folder, and is clean
+    assert final_files_problem(out) is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "flower" and summary["status"] == "finished"
+    assert not list(out.glob(".*.tmp"))
+
+    # a finished run of another config: refused in one line before Flower starts, nothing touched
+    before = (out / "summary.json").read_bytes()
+    refused = _fedgma("run", str(config_path), "--engine", "flower", "--quiet", "--out", str(out),
+                      "--set", "client.lr=0.1")
+    assert refused.returncode == 2
+    assert "holds a finished run of another config" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "summary.json").read_bytes() == before
+
+    # --overwrite replaces it; --verbose shows Flower's log
+    verbose = _fedgma("run", str(config_path), "--engine", "flower", "--quiet", "--out", str(out),
+                      "--set", "client.lr=0.1", "--overwrite", "--verbose")
+    assert verbose.returncode == 0, verbose.stdout + verbose.stderr
+    assert any("INFO" in line for line in _flower_lines(verbose.stdout)), verbose.stdout
+    assert "DEPRECATED" not in verbose.stdout + verbose.stderr
+    assert "lr = 0.1" in (out / "config.toml").read_text()
+    assert final_files_problem(out) is None
+
+
+def test_a_locked_run_folder_is_refused_at_once(config_path, tmp_path):
+    out = tmp_path / "busy"
+    config = load_config(config_path, ["engine=flower"])
+    with lock_folder(out, "run"), pytest.raises(FolderInUseError, match="in use by another fedgma run"):
+        run_flower(config, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, no Flower started
+
+
+def test_another_config_is_refused_and_whole_cpus_are_required(config_path, tmp_path):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "config.toml").write_text(CONFIG.replace("lr = 0.05", "lr = 0.2"))
+    (out / "summary.json").write_text('{"status": "finished"}')
+    config = load_config(config_path, ["engine=flower"])
+    with pytest.raises(RunFolderError, match="another config"):
+        run_flower(config, out, progress=False)
+    assert (out / "summary.json").read_text() == '{"status": "finished"}'
+    with pytest.raises(ConfigError, match="whole number of CPUs"):
+        run_flower(config, tmp_path / "halves", progress=False, client_cpus=0.5)
+
+
+def test_the_one_run_app_carries_the_whole_config(config_path, tmp_path):
+    import tomllib
+
+    config = load_config(config_path, ["engine=flower", "server.aggregator=median"])
+    files = flower_app_files(config, tmp_path / "run", round_timeout=30.0)
+    app = tomllib.loads(files["pyproject.toml"])["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedgma.flower.app:server_app",
+                                 "clientapp": "fedgma.flower.app:client_app"}
+    run_config = dict(app["config"])
+    again, own = config_from_run_config(run_config)
+    assert again == config
+    assert own["run-dir"] == str((tmp_path / "run").resolve()) and own["round-timeout"] == 30.0
+    assert own["run-dir-locked"] is True and own["overwrite"] is True
+    # dotted keys still override the TOML (flwr run --run-config)
+    changed, _ = config_from_run_config({**run_config, "rounds": 7})
+    assert changed.rounds == 7
