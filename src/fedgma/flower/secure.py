@@ -79,6 +79,7 @@ __all__ = [
     "run_secure",
     "secure_workflow",
     "update_error_bound",
+    "weight_scale_for",
 ]
 
 BOUND_KEY = "fedgma-secure-bound"  # B: updates are clipped to ±B per coordinate
