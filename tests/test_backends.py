@@ -348,8 +348,8 @@ def test_multiprocess_reports_a_failing_client_and_a_dead_worker(digits) -> None
     params = model.params.clone()
     backend = make_backend("multiprocess", model, data, settings, 3, workers=2)
     try:
-        # client 3 fails first on its worker (0 steps: scheduled last, so its worker's other clients come
-        # after it in reply order); their replies must not leak into the next round
+        # client 3 fails first on its worker (first in the round's order, which each worker follows), so its
+        # worker's other clients reply after it; their replies must not leak into the next round
         with pytest.raises(RuntimeError, match=r"failed on client 3:(.|\n)*a client with no samples cannot train"):
             list(backend.train(params, [3, 0, 1, 2], 1, PlainClient(settings)))
         reference = list(make_backend("sequential", _model("mlp", data), data, settings, 3)

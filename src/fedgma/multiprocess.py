@@ -188,7 +188,12 @@ class MultiprocessBackend:
             self._workers.append((process, parent_end))
 
     def _schedule(self, client_ids: Sequence[int]) -> list[list[int]]:
-        """LPT: clients longest first (by local steps), each to the least-loaded worker."""
+        """LPT: clients longest first (by local steps), each to the least-loaded worker.
+
+        Each worker then trains its clients in the round's order, which is the order the parent folds
+        them in (it must, for the same bits): replies then come about when the parent needs them, and
+        it aggregates while the workers train instead of all at once after the longest client.
+        """
         steps = {c: self.settings.num_steps(len(self.data.clients[c])) for c in client_ids}
         loads = [0] * len(self._workers)
         assignment: list[list[int]] = [[] for _ in self._workers]
@@ -196,7 +201,8 @@ class MultiprocessBackend:
             worker = loads.index(min(loads))
             assignment[worker].append(c)
             loads[worker] += steps[c]
-        return assignment
+        position = {c: i for i, c in enumerate(client_ids)}
+        return [sorted(clients, key=position.__getitem__) for clients in assignment]
 
     def train(
         self, params: Tensor, client_ids: Sequence[int], round_index: int, algorithm: ClientAlgorithm
