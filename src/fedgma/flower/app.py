@@ -144,11 +144,12 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, dict[str
     The app's own keys are ``run-dir`` (where to write the run folder; empty: nowhere),
     ``round-timeout`` (seconds to wait for a round's replies), ``overwrite`` (replace a finished run
     of another config in ``run-dir``), ``run-dir-locked`` (the process that started the run holds the
-    run folder's lock: :func:`run_flower`) and ``fedgma-config`` (a whole experiment config as TOML,
+    run folder's lock: :func:`run_flower`), ``pull-interval`` / ``max-pull-interval`` (seconds between
+    pulls of replies, see :class:`FedgmaStrategy`) and ``fedgma-config`` (a whole experiment config as TOML,
     which the dotted keys, if any, then override).
     """
     own: dict[str, Any] = {"run-dir": "", "round-timeout": 600.0, "overwrite": False, "run-dir-locked": False,
-                           EXPERIMENT_KEY: ""}
+                           "pull-interval": 0.1, "max-pull-interval": 2.0, EXPERIMENT_KEY: ""}
     for key in own.keys() & run_config.keys():
         own[key] = run_config[key]
     raw: dict[str, Any] = tomllib.loads(str(own[EXPERIMENT_KEY])) if own[EXPERIMENT_KEY] else {}
@@ -488,7 +489,8 @@ def _integer(metrics: MetricRecord, key: str) -> int:
 
 
 def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool = False,
-          round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True) -> dict[str, Any]:
+          round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True,
+          **strategy_options: Any) -> dict[str, Any]:
     """The ServerApp's work: run ``config`` on the nodes of ``grid``; write the run folder; return the summary.
 
     The run folder has the files :func:`fedgma.simulation.run` writes (``config.toml``,
@@ -499,12 +501,13 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     is locked for the run's life (:func:`fedgma.checkpoint.lock_folder`; ``lock=False`` when the
     caller already holds it, as :func:`run_flower` does), and a folder holding a finished run of
     another config is refused (:class:`~fedgma.checkpoint.RunFolderError`) unless ``overwrite``.
+    ``strategy_options`` go to :class:`FedGMA` (e.g. ``pull_interval``).
     """
     out = Path(run_dir) if run_dir else None
     if out is None or not lock:
-        return _serve(grid, config, out, progress, round_timeout, overwrite)
+        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options)
     with lock_folder(out, "run"):
-        return _serve(grid, config, out, progress, round_timeout, overwrite)
+        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options)
 
 
 def _start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
@@ -517,7 +520,7 @@ def _start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
 
 
 def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_timeout: float,
-           overwrite: bool) -> dict[str, Any]:
+           overwrite: bool, strategy_options: dict[str, Any]) -> dict[str, Any]:
     from fedgma import simulation
 
     check_supported(config)
@@ -532,7 +535,7 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
     model = build_flat_model(config, data)
     params = model.params.clone()
     initial = simulation.evaluate_all(model, params, data)
-    strategy = FedGMA(config, model)
+    strategy = FedGMA(config, model, **strategy_options)
     history: list[dict[str, Any]] = []
     state = {"total_steps": 0, "round_start": time.perf_counter()}
     logs = {}
@@ -634,7 +637,8 @@ def _server_main(grid: Grid, context: Context) -> None:
     """``flwr run``: the experiment is the app's run config ([tool.flwr.app.config], --run-config)."""
     config, own = config_from_run_config(dict(context.run_config))
     serve(grid, config, own["run-dir"] or None, False, float(own["round-timeout"]), bool(own["overwrite"]),
-          not own["run-dir-locked"])
+          not own["run-dir-locked"], pull_interval=float(own["pull-interval"]),
+          max_pull_interval=float(own["max-pull-interval"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,7 +663,10 @@ def flower_app_files(config: Config, run_dir: Path, round_timeout: float = 600.0
             "publisher": "fedgma",
             "components": {"serverapp": "fedgma.flower.app:server_app", "clientapp": "fedgma.flower.app:client_app"},
             "config": {"run-dir": str(run_dir.resolve()), "round-timeout": float(round_timeout),
-                       "overwrite": True, "run-dir-locked": True, EXPERIMENT_KEY: config_to_toml(config)},
+                       "overwrite": True, "run-dir-locked": True, EXPERIMENT_KEY: config_to_toml(config),
+                       # on the simulation runtime a pull of replies is an in-memory call: pull often, so
+                       # that a round ends within 10 ms of its last reply (not up to 2 s later, the backoff)
+                       "pull-interval": 0.005, "max-pull-interval": 0.01},
         }}},
     }
     return {"pyproject.toml": tomli_w.dumps(project)}
