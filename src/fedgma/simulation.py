@@ -63,7 +63,8 @@ from fedgma.seeding import numpy_rng, torch_generator
 from fedgma.server_opt import make_server_optimizer
 
 __all__ = [
-    "BadUpdateError", "ProgressBar", "aggregator_factory", "build_state", "check_device", "evaluate", "evaluate_all",
+    "BadUpdateError", "ProgressBar", "aggregator_factory",
+    "aggregator_maker", "build_state", "check_device", "evaluate", "evaluate_all",
     "local_settings", "reply_policy", "run", "sample_clients", "summarize",
 ]
 
@@ -165,17 +166,29 @@ def build_state(config: Config, model: FlatModel, num_clients: int, run_dir: Pat
 def aggregator_factory(config: Config, model: FlatModel) -> Callable[..., Aggregator]:
     """A maker of fresh aggregators for each round: ``[server.aggregator]``, behind ``server.clip_norm``.
 
-    ``make(round_index=0)``: a rule whose factory takes a ``generator`` (e.g. ``gma_random_mask``) gets
+    See :func:`aggregator_maker`; the seed is the run's.
+    """
+    part = config.server.aggregator
+    return aggregator_maker(part.name, part.options, model.layers, config.server.clip_norm, config.seed)
+
+
+def aggregator_maker(name: str, options: dict[str, Any], layers: Any, clip_norm: float | None, seed: int
+                     ) -> Callable[..., Aggregator]:
+    """``make(round_index=0)``: a fresh aggregator ``name`` with ``options`` for one round, behind clipping.
+
+    A rule whose factory takes a ``generator`` (e.g. ``gma_random_mask``) gets
     ``torch_generator(seed, "aggregation", round_index)``, so its randomness is set by the seed and the
     round (a resumed run draws the same); the other rules get only ``layers`` and ``check_finite``.
+
+    Raises:
+        ValueError: an unknown rule or a bad option, at once (not in round 1).
     """
-    part, clip_norm = config.server.aggregator, config.server.clip_norm
-    make_aggregator(part.name, layers=model.layers, **part.options)  # fail now, not in round 1
-    random = "generator" in inspect.signature(AGGREGATORS.entry(part.name).factory).parameters
+    make_aggregator(name, layers=layers, **options)  # fail now, not in round 1
+    random = "generator" in inspect.signature(AGGREGATORS.entry(name).factory).parameters
 
     def make(round_index: int = 0) -> Aggregator:
-        context = {"generator": torch_generator(config.seed, "aggregation", round_index)} if random else {}
-        return with_clipping(AGGREGATORS.build(part.name, part.options, layers=model.layers, **context), clip_norm)
+        context = {"generator": torch_generator(seed, "aggregation", round_index)} if random else {}
+        return with_clipping(AGGREGATORS.build(name, options, layers=layers, **context), clip_norm)
 
     return make
 

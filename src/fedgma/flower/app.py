@@ -367,8 +367,8 @@ class FedGMA(FedgmaStrategy):
                              f"{self.model.numel} float32")
         return self.state
 
-    def _new_aggregator(self) -> Any:
-        return self.new_aggregator()
+    def _new_aggregator(self, round_index: int = 0) -> Any:
+        return self.new_aggregator(round_index)
 
     def parse_reply(self, index: int, node: str, content: RecordDict) -> ClientResult:
         metrics = content["metrics"] if "metrics" in content.metric_records else None

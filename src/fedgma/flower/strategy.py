@@ -36,6 +36,7 @@ bypass the server step.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -62,7 +63,6 @@ from fedgma.flower.mixin import (
     _node,
     with_gma,
 )
-from fedgma.robust import with_clipping
 from fedgma.round import BadUpdateError, ReplyPolicy, ServerState, run_round
 from fedgma.server_opt import make_server_optimizer
 
@@ -313,6 +313,8 @@ class FedgmaStrategy(FedAvg):
             with :class:`InvalidReplyError`.
         pull_interval, max_pull_interval: first and longest pause between pulls of replies (see
             :class:`StreamingGrid`).
+        seed: the seed of a rule's own randomness (``gma_random_mask`` draws its permutation of
+            round r from ``torch_generator(seed, "aggregation", r)``, as the simulator does).
         **flower_options: Flower ``FedAvg``'s own (``fraction_train``, ``min_train_nodes``,
             ``weighted_by_key``, ``train_metrics_aggr_fn``, ...). The metric functions default to
             :func:`aggregate_metrics`.
@@ -338,6 +340,7 @@ class FedgmaStrategy(FedAvg):
         on_invalid: str = "drop",
         pull_interval: float = 0.1,
         max_pull_interval: float = 2.0,
+        seed: int = 0,
         **flower_options: Any,
     ) -> None:
         flower_options.setdefault("train_metrics_aggr_fn", aggregate_metrics)
@@ -363,6 +366,7 @@ class FedgmaStrategy(FedAvg):
         self.on_invalid = on_invalid
         self.pull_interval = pull_interval
         self.max_pull_interval = max_pull_interval
+        self.seed = seed
         self.current_arrays: ArrayRecord | None = None
         self.state: ServerState | None = None
         self.layout: Layout | None = None
@@ -421,8 +425,11 @@ class FedgmaStrategy(FedAvg):
         guarded = _FitsDtypes(optimizer, layout.narrow_limits())
         return ServerState(0, flat, guarded, self.make_client_algorithm(layout.numel))  # type: ignore[arg-type]
 
-    def _new_aggregator(self) -> Any:
-        return with_clipping(make_aggregator(self.aggregator, **self.aggregator_options), self.clip_norm)
+    def _new_aggregator(self, round_index: int = 0) -> Any:
+        from fedgma.simulation import aggregator_maker
+
+        make = aggregator_maker(self.aggregator, self.aggregator_options, None, self.clip_norm, self.seed)
+        return make(round_index)
 
     # -- replies ----------------------------------------------------------------------------------
 
@@ -551,7 +558,7 @@ class FedgmaStrategy(FedAvg):
         saved = copy.deepcopy(self.state.server_optimizer.state_dict())
         try:
             self.state, outcome = run_round(self.state, server_round, self._results(server_round, replies, kept, nodes),
-                                            self._new_aggregator, policy)
+                                            functools.partial(self._new_aggregator, server_round), policy)
         except (BadUpdateError, InvalidReplyError):
             raise
         except (FloatingPointError, ValueError) as error:
