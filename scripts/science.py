@@ -4,7 +4,7 @@
     python scripts/science.py full   [--out runs/science] [--jobs 2] [--study NAME ...]
     python scripts/science.py coarse --smoke --out /tmp/science-smoke   # digits, 2 rounds: checks the script
 
-The studies are in configs/science/suite.toml (each a grid of config overrides on configs/science/base.toml,
+The studies are in scripts/science_suite.toml (each a grid of config overrides on configs/science/base.toml,
 crossed with the aggregators compared). For every point of a study and every aggregator:
 
 * **coarse**: one seed (``coarse_seed``), a short horizon (``coarse_rounds``); the server lr starts at the
@@ -43,7 +43,7 @@ from fedgma.report.protocol import check_seeds, select_lr
 from fedgma.sweep import DIVERGED, log2_grid, plan_sweep, run_sweep, tune_lr
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE = ROOT / "configs" / "science" / "suite.toml"
+SUITE = ROOT / "scripts" / "science_suite.toml"
 BASE = ROOT / "configs" / "science" / "base.toml"
 # --smoke: scikit-learn's digits, 2 rounds, every evaluation; checks the machinery in seconds.
 SMOKE = ["data.dataset=digits", "data.num_clients=10", "data.partition.min_size=5", "rounds=2", "eval_every=1",
