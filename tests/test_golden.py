@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fixtures.make_golden import AGGREGATORS, FMNIST_DIR, GOLDEN, RECIPES, SETTINGS, key, run_one
 
 EXPECTED = json.loads(Path(GOLDEN).read_text())
