@@ -52,7 +52,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
 from fedgma.aggregation import make_aggregator
-from fedgma.client import ClientResult
+from fedgma.client import ClientResult, LocalSGD, PlainClient
 from fedgma.flower.mixin import (
     LOST_REPLY_CODES,
     GMAMixin,
@@ -240,33 +240,6 @@ class Layout:
                 if np.finfo(self.dtypes[k]).bits < width]
 
 
-class _NoClientState:
-    """The server side of plain local SGD (FedAvg, FedProx, ...): nothing to keep."""
-
-    name = "sgd"
-
-    def begin_round(self, global_params: Tensor) -> None:
-        pass
-
-    def correction(self, client_id: int) -> None:
-        return None
-
-    def finish_client(self, result: ClientResult) -> None:
-        pass
-
-    def end_round(self, results: Any) -> dict[str, float]:
-        return {}
-
-    def abort_round(self) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 class _FitsDtypes:
     """A server optimizer whose step refuses a result an array's own (narrower) dtype cannot hold.
 
@@ -418,7 +391,7 @@ class FedgmaStrategy(FedAvg):
 
     def make_client_algorithm(self, numel: int) -> Any:
         """The server side of the client algorithm (plain local SGD here: nothing to keep)."""
-        return _NoClientState()
+        return PlainClient(LocalSGD())  # its server side keeps nothing; the settings are the clients'
 
     def _state_for(self, layout: Layout, flat: Tensor) -> ServerState:
         optimizer = make_server_optimizer(self.optimizer, **self.optimizer_options)
