@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import _print_table as _table  # benchmarks/ is sys.path[0] when run as a script
+
 HERE = Path(__file__).resolve().parent
 SHARED_PLAIN = Path(os.environ.get("FEDGMA_SHARED_BENCH", HERE.parent.parent / "shared" / "bench")) / "plain_loop.py"
 
@@ -154,14 +156,6 @@ def run_server(args: argparse.Namespace) -> dict:
                     new.numpy().tobytes()
                     times.setdefault(key, []).append(time.perf_counter() - start)
     return {"times": times, "native": native.native_status()}
-
-
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    print(f"\n{title}")
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> None:
