@@ -10,7 +10,9 @@ import torch
 
 from fedgma.ablations import gma_random_mask, mean_density_scaled
 from fedgma.aggregation import Layer, gma, gma_mask, make_aggregator, mean
+from fedgma.client import ClientResult
 from fedgma.config import load_config
+from fedgma.round import ReplyPolicy, ServerState, run_round
 from fedgma.seeding import torch_generator
 from fedgma.simulation import aggregator_factory, run
 
@@ -29,10 +31,10 @@ def _updates(seed: int, k: int = 10, d: int = 1000, dtype: torch.dtype = torch.f
     return updates, weights
 
 
-def test_both_rules_are_registered():
+def test_the_rules_are_registered():
     from fedgma.aggregation import available_aggregators
 
-    assert {"gma_random_mask", "mean_density_scaled"} <= set(available_aggregators())
+    assert {"gma_random_mask", "mean_density_scaled", "gma_mask_after_optimizer"} <= set(available_aggregators())
 
 
 def test_hand_computed_case():
@@ -151,3 +153,67 @@ def test_a_run_with_the_ablation_is_reproducible_and_logs_gmas_density(tmp_path,
     gma_rounds = [json.loads(line) for line in (tmp_path / "gma" / "rounds.jsonl").read_text().splitlines()]
     assert rounds[0]["mask_density"] == gma_rounds[0]["mask_density"]  # round 1: same clients, same model
     assert first["final"]["test_accuracy"] != gma["final"]["test_accuracy"]
+
+
+# --- gma_mask_after_optimizer: the mask moves from the optimizer's input to its step --------------------------
+
+
+# round 2's updates: sign sums [1, 1, -1, 1, 1, 1], agreement 1/3 everywhere, so m = 1/3 at threshold 0.5
+ROUND2 = torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0],
+                       [1.0, 1.0, -3.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+
+
+def _round_state(optimizer: str, options: dict) -> ServerState:
+    from fedgma.client import LocalSGD, PlainClient
+    from fedgma.server_opt import make_server_optimizer
+
+    params = torch.randn(UPDATES.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return ServerState(0, params, make_server_optimizer(optimizer, **options), PlainClient(LocalSGD()))
+
+
+def _two_rounds(name: str, optimizer: str, options: dict) -> tuple[list[torch.Tensor], ServerState]:
+    state = _round_state(optimizer, options)
+    seen = [state.params.clone()]
+    for round_index, updates in ((1, UPDATES), (2, ROUND2)):
+        replies = [ClientResult(k, row.clone(), 1, 1, 0.0) for k, row in enumerate(updates)]
+        state, outcome = run_round(state, round_index, replies,
+                                   lambda: make_aggregator(name, threshold=0.5), ReplyPolicy(UPDATES.shape[1]))
+        assert outcome.committed and "step_mask" not in outcome.stats
+        seen.append(state.params.clone())
+    return seen, state
+
+
+def test_mask_after_optimizer_hand_computed_under_momentum():
+    # threshold 0.5, round 1: m1 = [1, 1/3, 1, 1/3, 1/3, 1]; round 2: m2 = 1/3. The momentum buffer holds
+    # the *unmasked* means ū1, ū2: v1 = -ū1, θ1 = θ0 + m1 ⊙ (lr ū1); v2 = 0.9 v1 - ū2, θ2 = θ1 - m2 ⊙ (lr v2)
+    seen, state = _two_rounds("gma_mask_after_optimizer", "sgd", {"lr": 2.0, "momentum": 0.9})
+    m1 = torch.tensor([1, 1 / 3, 1, 1 / 3, 1 / 3, 1], dtype=torch.float64)
+    u1, u2 = mean(UPDATES), mean(ROUND2)
+    v1 = -u1
+    v2 = 0.9 * v1 - u2
+    assert torch.allclose(seen[1], seen[0] + m1 * (2.0 * u1), rtol=0, atol=1e-12)
+    assert torch.allclose(seen[2], seen[1] - (2.0 * v2) / 3, rtol=0, atol=1e-12)
+    assert torch.allclose(state.server_optimizer.velocity, v2, rtol=0, atol=1e-12)  # unmasked memory
+    before, _ = _two_rounds("gma", "sgd", {"lr": 2.0, "momentum": 0.9})  # gma: the buffer holds m ⊙ ū
+    assert torch.allclose(before[1], seen[1], rtol=0, atol=1e-12)  # round 1 alike (no memory yet) ...
+    assert not torch.allclose(before[2], seen[2], rtol=0, atol=1e-6)  # ... round 2 not
+
+
+@pytest.mark.parametrize("optimizer, options", [("sgd", {"lr": 1.5}), ("adam", {"lr": 0.1})])
+def test_mask_after_optimizer_matches_gma_without_memory_and_not_with_adaptive_moments(optimizer, options):
+    after, _ = _two_rounds("gma_mask_after_optimizer", optimizer, options)
+    before, _ = _two_rounds("gma", optimizer, options)
+    if optimizer == "sgd":  # plain server SGD: θ + lr (m ⊙ ū) = θ + m ⊙ (lr ū), up to rounding
+        for a, b in zip(after, before, strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    else:  # FedAdam normalises per coordinate: masking its input is not masking its step
+        assert not torch.allclose(after[1], before[1], rtol=0, atol=1e-6)
+
+
+def test_a_run_with_mask_after_optimizer_under_fedavgm_is_reproducible(tmp_path):
+    overrides = [*DIGITS, "algorithm=fedavgm", "server.aggregator.name=gma_mask_after_optimizer"]
+    first = run(load_config(None, overrides), tmp_path / "a", progress=False)
+    second = run(load_config(None, overrides), tmp_path / "b", progress=False)
+    assert first["final"]["test_accuracy"] == second["final"]["test_accuracy"]
+    rounds = [json.loads(line) for line in (tmp_path / "a" / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 3 and all(0 < r["mask_density"] <= 1 and "step_mask" not in r for r in rounds)

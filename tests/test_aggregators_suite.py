@@ -53,6 +53,7 @@ ONE_SHOT = {
 NO_ONE_SHOT = {
     "median": "an order statistic over the buffered [K, d] stack; only the streaming form exists",
     "trimmed_mean": "an order statistic over the buffered [K, d] stack; only the streaming form exists",
+    "gma_mask_after_optimizer": "its aggregate is `mean`'s; its mask acts on the server step in fedgma.round.run_round",
 }
 # Rules that do not return a single client's update unchanged, and why.
 NOT_IDENTITY_ON_ONE_CLIENT = {

@@ -127,7 +127,10 @@ def run_round(
         round_index: the round's number (1-based), for messages and logs.
         replies: the round's client results, consumed one at a time (a lazy iterator keeps memory
             at O(d) whatever the number of clients): each update [d] with its sample count.
-        make_aggregator: a fresh aggregator for this round (``server.aggregator``, with clipping).
+        make_aggregator: a fresh aggregator for this round (``server.aggregator``, with clipping). Its
+            result is the pseudo-gradient's negative; if its stats carry ``step_mask`` (a tensor [d] in
+            [0, 1]), the server optimizer steps on the unmasked update and the *step* is masked instead:
+            θ ← θ + step_mask ⊙ (opt.step(θ, −update) − θ) (``step_mask`` is removed from the stats).
         policy: reply checks and quorum.
         dropped: clients already known not to reply (client id -> reason), reported in the outcome.
 
@@ -167,7 +170,10 @@ def run_round(
                                    steps)
             return state, outcome
         update, stats = aggregator.result()
+        step_mask = stats.pop("step_mask", None)
         params = state.server_optimizer.step(state.params, -update)
+        if step_mask is not None:  # mask the server optimizer's step (ablation gma_mask_after_optimizer)
+            params = state.params + step_mask.to(params.dtype) * (params - state.params)
         _check_finite(params, round_index)
     except BaseException:
         algorithm.abort_round()
