@@ -80,8 +80,15 @@ def _toml(value: Any) -> str:
 
 
 def _name(overrides: list[str]) -> str:
-    text = "_".join(o.split(".")[-1] if "{" not in o else o for o in overrides).replace('"', "") or "base"
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip("-")
+    """A folder name for a point: ``clients_per_round=5``, ``partition=dirichlet-alpha0.1-min_size10``, ``base``."""
+    parts = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if value.startswith("{"):  # an inline table: its values, with the keys of the numbers
+            table = tomllib.loads(f"v = {value}")["v"]
+            value = "-".join(str(v) if isinstance(v, str) else f"{k}{v}" for k, v in table.items())
+        parts.append(f"{key.split('.')[-1]}={value}")
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", "_".join(parts).replace('"', "") or "base").strip("-")
 
 
 class Stage:
