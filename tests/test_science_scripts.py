@@ -1,0 +1,60 @@
+"""scripts/science.py (the staged suite of issue 15) and scripts/chance_mask.py: their pure parts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chance_mask_by_hand():
+    chance = _load("chance_mask").chance_mask
+    # K = 5: A ∈ {1/5 (B = 2, 3: p = 20/32), 3/5 (B = 1, 4: 10/32), 1 (B = 0, 5: 2/32)}; τ = 0.4 passes 3/5 and 1
+    five = chance(5, 0.4)
+    assert five["chance_pass_rate"] == 12 / 32 and five["chance_density"] == pytest.approx(12 / 32 + 0.2 * 20 / 32)
+    assert five["net_agreeing_clients"] == 3
+    # K = 10: A = 0 (p = 252/1024), 0.2 (420/1024), passes at A ≥ 0.4: (240 + 90 + 20 + 2) / 1024
+    ten = chance(10, 0.4)
+    assert ten["chance_pass_rate"] == round(352 / 1024, 4)
+    assert ten["chance_density"] == round(352 / 1024 + 0.2 * 420 / 1024, 4)
+    assert ten["net_agreeing_clients"] == 4 and chance(100, 0.4)["net_agreeing_clients"] == 40
+    assert chance(10, 0.0) == {**chance(10, 0.0), "chance_density": 1.0, "chance_pass_rate": 1.0}
+
+
+def test_the_suite_parses_and_every_study_point_has_a_distinct_folder():
+    science = _load("science")
+    suite = tomllib.loads((SCRIPTS / "science_suite.toml").read_text())
+    assert set(suite["protocol"]["tuning_seeds"]).isdisjoint(suite["protocol"]["evaluation_seeds"])
+    assert len(suite["protocol"]["evaluation_seeds"]) >= 5 and len(suite["protocol"]["tuning_seeds"]) >= 2
+    for name, study in suite["studies"].items():
+        names = [science._name(point) for point in science.points(study)]
+        assert len(set(names)) == len(names), name
+    heterogeneity = [science._name(p) for p in science.points(suite["studies"]["heterogeneity"])]
+    assert heterogeneity == ["partition=dirichlet-alpha0.1-min_size10", "partition=dirichlet-alpha1.0-min_size10",
+                             "partition=iid"]
+    assert science.points({}) == [[]] and science._name([]) == "base"
+
+
+def test_every_study_point_is_a_valid_config():
+    from fedgma.config import load_config
+
+    science = _load("science")
+    suite = tomllib.loads((SCRIPTS / "science_suite.toml").read_text())
+    for study in suite["studies"].values():
+        for point in science.points(study):
+            for method in study["methods"]:
+                load_config(science.BASE, [*study.get("overrides", []), *point,
+                                           f'server.aggregator={{name = "{method}"}}'])  # raises if not
