@@ -3,6 +3,7 @@
     python scripts/science.py coarse [--out runs/science] [--jobs 2] [--study NAME ...]
     python scripts/science.py full   [--out runs/science] [--jobs 2] [--study NAME ...]
     python scripts/science.py coarse --smoke --out /tmp/science-smoke   # digits, 2 rounds: checks the script
+    python scripts/science.py report [--out runs/science] [--to docs/results/science]
 
 The studies are in scripts/science_suite.toml (each a grid of config overrides on configs/science/base.toml,
 crossed with the aggregators compared). For every point of a study and every aggregator:
@@ -15,6 +16,11 @@ crossed with the aggregators compared). For every point of a study and every agg
   (:func:`fedgma.report.protocol.select_lr`); then the ``evaluation_seeds`` (≥ 5, disjoint) at the chosen lr,
   which is what reports compare. Picks go to ``<out>/full/lrs.json``.
 
+* **report**: ``fedgma report`` over the full stage's evaluation folders (the comparisons) into ``<to>``,
+  and over its tuning folders into ``<to>/tuning`` (every lr, on the tuning seeds); the lr choices of
+  both stages as ``lr_choices.csv``; ``stages.jsonl``; and every run's config, summary, metrics and
+  per-round log packed in ``runs.tar.xz``, so anyone can recompute the tables.
+
 Every run is a ``fedgma sweep`` run (:func:`fedgma.sweep.plan_sweep` / :func:`~fedgma.sweep.run_sweep`):
 finished runs are skipped and interrupted ones resume from their checkpoint, so running a stage again
 after an interruption loses nothing. Each stage appends to ``<out>/stages.jsonl`` when it starts and when
@@ -25,11 +31,14 @@ of this process and its workers).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import resource
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from itertools import product
 from pathlib import Path
@@ -145,14 +154,63 @@ def run_stage(stage: Stage, suite: dict[str, Any], studies: list[str]) -> dict[s
     return picks
 
 
+RUN_FILES = ("config.toml", "summary.json", "metrics.jsonl", "rounds.jsonl")
+
+
+def lr_rows(out: Path) -> list[dict[str, Any]]:
+    """One row per stage, study point and method: the chosen server lr, whether it is the grid's edge, every score."""
+    rows = []
+    for stage in ("coarse", "full"):
+        path = out / stage / "lrs.json"
+        if not path.is_file():
+            continue
+        for key, pick in json.loads(path.read_text()).items():
+            study, point, method = key.split("/")
+            lrs = sorted(float(lr) for lr in pick["scores"])
+            rows.append({"stage": stage, "study": study, "point": point, "method": method, "lr": pick["lr"],
+                         "on_edge": pick["lr"] in (lrs[0], lrs[-1]),
+                         "scores": " ".join(f"{lr:g}:{pick['scores'][f'{lr:g}']:.4f}" for lr in lrs)})
+    return rows
+
+
+def report(out: Path, to: Path) -> int:
+    """Tables of the full stage (``fedgma report``), the lr choices, the stage log and the packed runs, into ``to``."""
+    fedgma = shutil.which("fedgma") or str(Path(sys.executable).parent / "fedgma")
+    evaluation = sorted(out.glob("full/*/*/*/evaluation"))
+    tuning = sorted(out.glob("full/*/*/*/tuning"))
+    if not evaluation:
+        print(f"science report: no evaluation runs under {out / 'full'}; run the full stage first", file=sys.stderr)
+        return 1
+    to.mkdir(parents=True, exist_ok=True)
+    subprocess.run([fedgma, "report", *map(str, evaluation), "--out", str(to)], check=True)
+    subprocess.run([fedgma, "report", *map(str, tuning), "--out", str(to / "tuning")], check=True)
+    rows = lr_rows(out)
+    with (to / "lr_choices.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["stage", "study", "point", "method", "lr", "on_edge", "scores"])
+        writer.writeheader()
+        writer.writerows(rows)
+    shutil.copyfile(out / "stages.jsonl", to / "stages.jsonl")
+    with tarfile.open(to / "runs.tar.xz", "w:xz") as archive:
+        for summary in sorted(out.glob("*/**/summary.json")):
+            for name in RUN_FILES:
+                if (summary.parent / name).is_file():
+                    archive.add(summary.parent / name, arcname=str((summary.parent / name).relative_to(out)))
+    print(f"science report: {len(evaluation)} evaluation folders, {len(rows)} lr choices; tables in {to}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["coarse", "full"])
+    parser.add_argument("stage", choices=["coarse", "full", "report"])
+    parser.add_argument("--to", type=Path, default=ROOT / "docs" / "results" / "science",
+                        help="report: the folder the tables go to")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "science")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--study", action="append", help="only these studies (repeatable); default: all")
     parser.add_argument("--smoke", action="store_true", help="digits, 2 rounds: check the script, not the science")
     args = parser.parse_args(argv)
+    if args.stage == "report":
+        return report(args.out, args.to)
     suite = tomllib.loads(SUITE.read_text())
     studies = args.study or list(suite["studies"])
     unknown = sorted(set(studies) - set(suite["studies"]))
