@@ -1,5 +1,6 @@
-"""Reports: the table's numbers against the run folders, GMA's paired gain, server-lr selection on
-validation (never test), rounds to target, plots, and the `fedgma report` command."""
+"""Reports: the table's numbers against the run folders (the last-20% metric), GMA's paired gain, server-lr
+selection on validation (never test), rounds to target, plots, and the `fedgma report` command. The
+protocol's report features on hand-made runs with known answers: tests/test_report_protocol.py."""
 
 from __future__ import annotations
 
@@ -78,39 +79,56 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _last_20(metrics: list[dict], key: str = "test_accuracy") -> float:
+    """The mean of ``key`` over the evaluations in rounds (0.8 H, H], computed here from scratch."""
+    horizon = metrics[-1]["round"]
+    return statistics.fmean(m[key] for m in metrics if m["round"] > 0.8 * horizon)
+
+
 def test_table_matches_the_run_folders(real_runs: Path, tmp_path: Path) -> None:
     result = write_report(real_runs, tmp_path)
-    summaries = {p.parent.name: json.loads(p.read_text()) for p in real_runs.rglob("summary.json")}
+    folders = {p.parent.name: p.parent for p in real_runs.rglob("summary.json")}
+    summaries = {name: json.loads((f / "summary.json").read_text()) for name, f in folders.items()}
+    metrics = {name: [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()]
+               for name, f in folders.items()}
     assert len(summaries) == 6
     for row in result["rows"]:
-        mine = [s for name, s in summaries.items() if name.startswith(f"aggregator={row['aggregator']}_")]
-        final = [s["final"]["test_accuracy"] for s in mine]
-        best = [s["best"]["test_accuracy"] for s in mine]
-        validation = [s["final"]["validation_accuracy"] for s in mine]
+        mine = [name for name in summaries if name.startswith(f"aggregator={row['aggregator']}_")]
+        last = [_last_20(metrics[n]) for n in mine]
+        final = [summaries[n]["final"]["test_accuracy"] for n in mine]
+        at_best = [max(metrics[n], key=lambda m: m["validation_accuracy"])["test_accuracy"] for n in mine]
+        validation = [_last_20(metrics[n], "validation_accuracy") for n in mine]
         assert row["seeds"] == 3 and row["setting"] == "dir"
-        assert row["final_test_accuracy"] == pytest.approx((statistics.fmean(final), statistics.stdev(final)))
-        assert row["best_test_accuracy"] == pytest.approx((statistics.fmean(best), statistics.stdev(best)))
-        assert row["final_validation_accuracy"] == pytest.approx(
+        assert row["last_test_accuracy"] == pytest.approx((statistics.fmean(last), statistics.stdev(last)))
+        assert row["final_round_test_accuracy"] == pytest.approx((statistics.fmean(final), statistics.stdev(final)))
+        assert row["test_accuracy_at_best_validation"] == pytest.approx(
+            (statistics.fmean(at_best), statistics.stdev(at_best)))
+        assert row["last_validation_accuracy"] == pytest.approx(
             (statistics.fmean(validation), statistics.stdev(validation)))
+        assert "best_test_accuracy" not in row  # "best" is never chosen on the test set
     # the CSV holds the same numbers
     with open(tmp_path / "summary.csv") as handle:
         table = {r["aggregator"]: r for r in csv.DictReader(handle)}
     for row in result["rows"]:
-        assert float(table[row["aggregator"]]["final_test_accuracy_mean"]) == pytest.approx(
-            row["final_test_accuracy"][0])
-    # the gain is gma − mean paired by seed
-    by_seed = {(s["aggregator"], s["seed"]): s["final"]["test_accuracy"] for s in summaries.values()}
+        assert float(table[row["aggregator"]]["last_test_accuracy_mean"]) == pytest.approx(
+            row["last_test_accuracy"][0])
+    # the gain is gma − mean of the last-20% metric, paired by seed
+    by_seed = {(summaries[n]["aggregator"], summaries[n]["seed"]): _last_20(metrics[n]) for n in summaries}
     diffs = [by_seed[("gma", k)] - by_seed[("mean", k)] for k in range(3)]
     (gain,) = result["gains"]
-    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx(diffs)
-    assert gain["gain_test_accuracy"]["mean"] == pytest.approx(statistics.fmean(diffs))
-    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.302653 * statistics.stdev(diffs) / 3**0.5)
+    assert (gain["method"], gain["baseline"], gain["seeds"]) == ("gma", "mean", 3)
+    assert gain["difference"] == pytest.approx(statistics.fmean(diffs))
+    half = 4.302653 * statistics.stdev(diffs) / 3**0.5
+    assert (gain["ci_low"], gain["ci_high"]) == pytest.approx((statistics.fmean(diffs) - half,
+                                                               statistics.fmean(diffs) + half))
+    assert gain["p_holm"] == gain["p"]  # one comparison: Holm changes nothing
     markdown = (tmp_path / "summary.md").read_text()
     mean_row = next(r for r in result["rows"] if r["aggregator"] == "mean")
-    assert f"{100 * mean_row['final_test_accuracy'][0]:.2f} ± {100 * mean_row['final_test_accuracy'][1]:.2f}" \
+    assert f"{100 * mean_row['last_test_accuracy'][0]:.2f} ± {100 * mean_row['last_test_accuracy'][1]:.2f}" \
         in markdown
+    assert "test acc % (last 20%)" in markdown and "final-round test acc %" in markdown and "best test" not in markdown
     for name in ("report.md", "report.html", "gains.md", "gains.csv", "plots/curves.png", "plots/mask_dir.png",
-                 "plots/gains.png"):
+                 "plots/gains.png", "plots/gain_map.png"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "plots" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -125,9 +143,10 @@ def test_run_folders_of_either_config_shape_report_the_same(tmp_path: Path) -> N
     flat, parts = (make_groups(find_runs(tmp_path / shape)) for shape in ("flat", "parts"))
     assert table_rows(flat) == table_rows(parts)
     assert gain_rows(flat) == gain_rows(parts)
-    (gain,) = gain_rows(parts)
-    assert (gain["threshold"], gain["lr_mean"], gain["lr_gma"]) == (0.3, 1.0, 1.0)
-    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx([0.04, 0.05])
+    test, ood = gain_rows(parts)
+    assert (test["metric"], ood["metric"]) == ("test_accuracy", "ood_accuracy")
+    assert (test["tau"], test["lr_baseline"], test["lr_method"]) == (0.3, 1.0, 1.0)
+    assert test["difference"] == pytest.approx(0.045)  # seeds: 0.64 − 0.60, 0.66 − 0.61
     run = find_runs(tmp_path / "flat")[0]
     assert run.config["server"]["optimizer"] == {"lr": 1.0} and run.config["data"]["partition"]["alpha"] == 0.1
     assert select_server_lr(tmp_path / "flat", metric="test_accuracy") == select_server_lr(
@@ -138,7 +157,7 @@ def test_same_folder_names_in_different_settings_are_not_mixed(tmp_path: Path) -
     fake_run(tmp_path / "a" / "aggregator=mean_seed0", curve=[0.5, 0.6])
     fake_run(tmp_path / "b" / "aggregator=mean_seed0", curve=[0.7, 0.8])
     rows = table_rows(make_groups(find_runs(tmp_path)))
-    assert {(r["setting"], r["seeds"], r["final_test_accuracy"][0]) for r in rows} == {("a", 1, 0.6), ("b", 1, 0.8)}
+    assert {(r["setting"], r["seeds"], r["last_test_accuracy"][0]) for r in rows} == {("a", 1, 0.6), ("b", 1, 0.8)}
 
 
 def test_server_lr_is_selected_on_validation_never_on_test(tmp_path: Path) -> None:
@@ -155,37 +174,42 @@ def test_server_lr_is_selected_on_validation_never_on_test(tmp_path: Path) -> No
     groups = make_groups(find_runs(tmp_path))
     assert {(g.aggregator, g.server_lr) for g in groups if g.selected} == {("mean", 1.0), ("gma", 2.0)}
     (gain,) = gain_rows(groups)
-    assert (gain["lr_mean"], gain["lr_gma"]) == (1.0, 2.0)
-    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx([0.05, 0.06])
-    assert gain["verdict"] == "within noise"  # two seeds: 0.055 ± 12.706 · 0.00707 / √2 includes 0
+    assert (gain["lr_baseline"], gain["lr_method"]) == (1.0, 2.0)
+    assert gain["difference"] == pytest.approx(0.055)  # seeds: 0.65 − 0.6, 0.66 − 0.6
+    # two seeds: 0.055 ± 12.706 · 0.00707 / √2 includes 0
+    assert gain["ci_low"] < 0 < gain["ci_high"] and gain["significant"] is False
 
 
-def test_verdict_follows_the_t_interval(tmp_path: Path) -> None:
-    # diffs +0.02, +0.03, +0.04: mean 0.03, std 0.01, half-width 4.303·0.01/√3 = 0.0248 → excludes 0
+def test_significance_follows_the_paired_t_test(tmp_path: Path) -> None:
+    # diffs +0.02, +0.03, +0.04: mean 0.03, std 0.01, half-width 4.303·0.01/√3 = 0.0248 → excludes 0;
+    # t = 0.03 / (0.01 / √3) = 3√3 with 2 degrees of freedom: p = 1 − t / √(t² + 2) = 0.0351
     for seed, gma_final in enumerate([0.62, 0.63, 0.64]):
         fake_run(tmp_path / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.6])
         fake_run(tmp_path / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[gma_final])
     (gain,) = gain_rows(make_groups(find_runs(tmp_path)))
-    assert gain["gain_test_accuracy"]["ci95"] == pytest.approx(4.302653 * 0.01 / 3**0.5)
-    assert gain["verdict"] == "gma better"
-    # a gain of the same size with noise three times larger does not exclude 0
+    assert gain["ci_high"] - gain["difference"] == pytest.approx(4.302653 * 0.01 / 3**0.5)
+    t = 3 * 3**0.5
+    assert gain["p"] == pytest.approx(1 - t / (t**2 + 2) ** 0.5) and gain["significant"] is True
+    # a gain of the same size with noise three times larger is not significant
     noisy = tmp_path / "noisy"
     for seed, gma_final in enumerate([0.60, 0.63, 0.66]):
         fake_run(noisy / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.6])
         fake_run(noisy / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[gma_final])
     (gain,) = gain_rows(make_groups(find_runs(noisy)))
-    assert gain["verdict"] == "within noise"
+    assert gain["ci_low"] < 0 and gain["significant"] is False
 
 
-def test_rounds_to_target_uses_plain_averaging_final_accuracy(tmp_path: Path) -> None:
-    fake_run(tmp_path / "s" / "aggregator=mean_seed0", curve=[0.3, 0.5, 0.8, 1.0])
-    fake_run(tmp_path / "s" / "aggregator=gma_seed0", aggregator="gma", curve=[0.96, 0.97, 0.98, 0.99])
+def test_rounds_to_target_uses_plain_averaging_last_20_percent(tmp_path: Path) -> None:
+    # plain averaging over rounds 10..100 ends at 0.8, 1.0: its last-20% accuracy is 0.9, the target
+    # 0.8 × 0.9 = 0.72, first reached at round 80 (0.76); the final round's 1.0 would give 0.8, round 90
+    fake_run(tmp_path / "s" / "aggregator=mean_seed0", curve=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.76, 0.8, 1.0])
+    fake_run(tmp_path / "s" / "aggregator=gma_seed0", aggregator="gma", curve=[0.96] * 9 + [0.99])
     rows = {r["aggregator"]: r for r in table_rows(make_groups(find_runs(tmp_path)), target_fraction=0.8)}
-    assert rows["mean"]["target"] == rows["gma"]["target"] == pytest.approx(0.8)
-    assert rows["mean"]["rounds_to_target"] == 30 and rows["gma"]["rounds_to_target"] == 10
+    assert rows["mean"]["target"] == rows["gma"]["target"] == pytest.approx(0.72)
+    assert rows["mean"]["rounds_to_target"] == 80 and rows["gma"]["rounds_to_target"] == 10
     assert rounds_to_target([{"round": 5, "test_accuracy": 0.1}], 0.5) is None
     absolute = table_rows(make_groups(find_runs(tmp_path)), target=0.99)
-    assert {r["aggregator"]: r["rounds_to_target"] for r in absolute} == {"mean": 40, "gma": 40}
+    assert {r["aggregator"]: r["rounds_to_target"] for r in absolute} == {"mean": 100, "gma": 100}
 
 
 def test_tau_sweep_gets_its_own_plot(tmp_path: Path) -> None:
@@ -202,12 +226,13 @@ def test_out_of_distribution_accuracy_gets_a_gain_column_and_a_curve_row(tmp_pat
         fake_run(tmp_path / "rot" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, curve=[0.8, 0.9],
                  ood=ood_gma)
     result = write_report(tmp_path, tmp_path / "out")
-    (gain,) = result["gains"]
-    assert gain["gain_ood_accuracy"]["diffs"] == pytest.approx([0.05, 0.04, 0.07])
-    assert gain["gain_test_accuracy"]["diffs"] == pytest.approx([0.0, 0.0, 0.0])
-    assert "gain_ood/rot90_accuracy" not in gain  # per-domain accuracies stay in the table only
-    assert "Δ ood (pts)" in (tmp_path / "out" / "gains.md").read_text()
-    assert "ood/rot90 acc %" in (tmp_path / "out" / "summary.md").read_text()
+    test, ood = result["gains"]
+    assert ood["metric"] == "ood_accuracy" and ood["difference"] == pytest.approx((0.05 + 0.04 + 0.07) / 3)
+    assert test["metric"] == "test_accuracy" and test["difference"] == 0.0
+    # per-domain accuracies stay in the table only
+    assert [g["metric"] for g in result["gains"]] == ["test_accuracy", "ood_accuracy"]
+    assert "### ood accuracy (last 20% of rounds)" in (tmp_path / "out" / "gains.md").read_text()
+    assert "ood/rot90 acc % (last 20%)" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "plots" / "curves.png").is_file()
 
 
@@ -220,7 +245,7 @@ def test_t_quantile() -> None:
 def test_cli_report_writes_tables_and_rejects_an_empty_folder(real_runs: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["report", str(real_runs), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert "Δ final test" in result.output and (tmp_path / "r" / "summary.md").is_file()
+    assert "difference (points)" in result.output and (tmp_path / "r" / "summary.md").is_file()
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no finished runs" in result.output
@@ -247,7 +272,7 @@ def test_flat_sweep_is_grouped_by_its_configs(flat_sweep: Path, tmp_path: Path) 
     result = write_report(flat_sweep, tmp_path)
     assert result["swept"] == ["data.partition.alpha", "server.aggregator.name"]  # not τ: mean has none
     summaries = {p.parent.name: json.loads(p.read_text()) for p in flat_sweep.rglob("summary.json")}
-    got = {(r["config"]["Dirichlet α"], r["aggregator"]): r["final_test_accuracy"][0] for r in result["rows"]}
+    got = {(r["config"]["Dirichlet α"], r["aggregator"]): r["final_round_test_accuracy"][0] for r in result["rows"]}
     assert got == {(shown, agg): summaries[f"alpha={alpha}_aggregator={agg}_seed0"]["final"]["test_accuracy"]
                    for alpha, shown in (("0.1", "0.1"), ("1.0", "1")) for agg in ("mean", "gma")}
     assert [r["setting"] for r in result["rows"]] == ["Dirichlet α=0.1"] * 2 + ["Dirichlet α=1"] * 2

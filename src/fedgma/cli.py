@@ -223,24 +223,33 @@ def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], 
         sys.exit(1)
 
 @main.command()
-@click.argument("runs_dir", metavar="RUNS_DIR", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUNS_DIR/report).")
+@click.argument("runs_dirs", metavar="RUNS_DIR...", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Report folder (default: RUNS_DIR/report; required with several folders).")
+@click.option("--last-fraction", default=0.2, show_default=True,
+              help="The metric: test accuracy averaged over this last fraction of the rounds.")
 @click.option("--target-fraction", default=0.95, show_default=True,
-              help="Rounds-to-target: target = this × plain averaging's final test accuracy (same setting).")
+              help="Rounds-to-target: target = this × plain averaging's test accuracy (last fraction, same setting).")
 @click.option("--target", type=float, help="An absolute target accuracy for every row instead (e.g. 0.8).")
 @_user_errors
-def report(runs_dir: str, out: str | None, target_fraction: float, target: float | None) -> None:
-    """Tables (Markdown, CSV) and plots from the run folders under RUNS_DIR.
+def report(runs_dirs: tuple[str, ...], out: str | None, last_fraction: float, target_fraction: float,
+           target: float | None) -> None:
+    """Tables (Markdown, CSV) and plots from the run folders under RUNS_DIR (one folder or several,
+    e.g. only the evaluation folders of a study, not its tuning runs).
 
-    Writes summary.md/.csv (final and best accuracy, mean ± std over seeds, rounds to a target),
-    gains.md/.csv (GMA − mean per setting and algorithm, paired by seed, with a 95% interval),
-    plots/ (accuracy vs round, GMA mask statistics, τ sweeps, gains), report.md and a self-contained
+    The metric is test accuracy averaged over the last 20% of the rounds (--last-fraction), with the
+    area under the learning curve and the rounds to a target beside it. Writes summary.md/.csv (mean ±
+    std over seeds; test accuracy at the best validation accuracy and at the final round as extra
+    columns), gains.md/.csv (every method − plain averaging in the same setting, paired by seed: 95%
+    t-interval, p, Holm's p across the table), plots/ (the map of GMA − mean over the settings,
+    gains, accuracy vs round, GMA mask statistics, τ sweeps), report.md and a self-contained
     report.html. Runs are grouped by their config.toml: every key that differs is a column. Where runs
-    differ only in server.lr, the lr with the best final validation accuracy is the one compared.
+    differ only in the server lr, the lr with the best validation accuracy over the last 20% of rounds,
+    averaged over seeds, is the one compared.
     """
     from fedgma.report import gains_markdown, write_report
 
-    result = write_report(runs_dir, out, target_fraction, target)
+    result = write_report(list(runs_dirs), out, target_fraction, target, last_fraction)
     incomplete = result["incomplete"]
     click.echo(f"report: {_plural(len(result['runs']), 'finished run')} in "
                f"{_plural(len(result['rows']), 'configuration')}, {_plural(len(result['figures']), 'plot')}, "

@@ -1,12 +1,15 @@
-"""Report plots (matplotlib, headless): accuracy curves, GMA's mask statistics, τ sweeps and GMA's gains."""
+"""Report plots (matplotlib, headless): accuracy curves, GMA's mask statistics, τ sweeps, every method's gain
+over plain averaging, and the map of GMA's gain over the settings."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedgma.report.configs import format_value, readable_name
 from fedgma.report.groups import Group, extra_accuracies
 from fedgma.report.runs import RunRecord
 from fedgma.report.stats import mean_std, t_quantile
@@ -15,7 +18,7 @@ from fedgma.report.tables import number
 #: The range of a fraction (mask density, agreement): intervals are cut to it.
 UNIT = (0.0, 1.0)
 
-__all__ = ["group_name", "layer_names", "plot_curves", "plot_gains", "plot_mask", "plot_tau"]
+__all__ = ["group_name", "layer_names", "plot_curves", "plot_gain_map", "plot_gains", "plot_mask", "plot_tau"]
 
 
 def _pyplot() -> Any:
@@ -221,20 +224,26 @@ def layer_names(layers: list[str]) -> dict[str, str]:
 
 
 def plot_tau(family: list[Group], base: Group | None, path: Path, title: str) -> Path:
-    """Final and best test accuracy versus GMA's threshold τ (mean ± std over seeds)."""
+    """Test accuracy over the last 20% of rounds (and at the best validation accuracy, where there is a
+    validation split) versus GMA's threshold τ, mean ± std over seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     taus = [g.threshold for g in family]
-    keys = [("final", lambda g: g.final()), ("best", lambda g: g.best())]
+    last = f"last {100 * family[0].fraction:g}%"
+    keys = [(f"test accuracy ({last})", lambda g: g.last()),
+            ("test accuracy at best validation", lambda g: g.at_best_validation())]
     extra = [k for k in extra_accuracies(family, per_domain=False) if k != "validation_accuracy"]
-    keys += [(f"final {k.replace('_accuracy', '')}", lambda g, k=k: g.final(k)) for k in extra]
+    keys += [(f"{k.replace('_accuracy', '').replace('_', ' ')} accuracy ({last})", lambda g, k=k: g.last(k))
+             for k in extra]
     for label, values in keys:
-        stats = [mean_std(values(g)) for g in family]
+        stats = [mean_std(list(values(g).values())) for g in family]
+        if all(math.isnan(m) for m, _ in stats):
+            continue
         ax.errorbar(taus, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
-                    label=f"{label} test accuracy" if "test" not in label and label in ("final", "best") else label)
+                    label=label)
     if base is not None:
-        mean, std = mean_std(base.final())
-        ax.axhline(100 * mean, color="gray", linestyle="--", label=f"plain averaging, final ({number(100 * mean)}%)")
+        mean, _ = mean_std(list(base.last().values()))
+        ax.axhline(100 * mean, color="gray", linestyle="--", label=f"plain averaging ({last}: {number(100 * mean)}%)")
     ax.set_xlabel("GMA threshold τ (τ = 0 is plain averaging)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{title}: {family[0].algorithm}+GMA, τ sweep (mean ± std over {len(family[0].runs)} seeds)",
@@ -247,47 +256,207 @@ def plot_tau(family: list[Group], base: Group | None, path: Path, title: str) ->
     return path
 
 
+def _method_name(row: dict[str, Any]) -> str:
+    return row["method"] + ("" if row["tau"] is None else f" (τ={number(row['tau'])})")
+
+
+def _seed_range(rows: list[dict[str, Any]]) -> str:
+    seeds = sorted({r["seeds"] for r in rows})
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
 def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """GMA − mean in accuracy points per setting (one row each) and method (one marker each), with the
-    95% interval over paired seeds as an error bar (none for one seed), for the final test accuracy and,
-    where measured, the out-of-distribution accuracy. Returns ``path``, or None without pairs."""
+    """Every method − plain averaging in accuracy points per setting (one row each) and method (one marker
+    each), with the 95% interval over paired seeds as an error bar (none below two seeds), one panel per
+    accuracy (test first). Filled markers: significant after Holm's correction. Returns ``path``, or None
+    without comparisons."""
+    rows = [r for r in rows if r["difference"] is not None]
     if not rows:
         return None
     plt = _pyplot()
-    keys = ["test_accuracy"] + (["ood_accuracy"] if any("gain_ood_accuracy" in r for r in rows) else [])
+    keys = list(dict.fromkeys(r["metric"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    methods = list(dict.fromkeys(f"{r['algorithm']} + gma (τ={number(r['threshold'])})" for r in rows))
-    height = 1.6 + 0.45 * len(settings) * max(1, len(methods)) ** 0.5
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), height + 0.3 * len(methods)),
+    methods = list(dict.fromkeys(_method_name(r) for r in rows))
+    labels = ["\n".join(textwrap.wrap(s, 42)) for s in settings]
+    lines = max(label.count("\n") + 1 for label in labels)
+    height = 1.6 + (0.3 + 0.17 * lines) * len(settings) * max(1, len(methods)) ** 0.3
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(9.0, 3 + 5.5 * len(keys)), height + 0.3 * len(methods)),
                              squeeze=False, layout="constrained", sharey=True)
     offsets = [0.0] if len(methods) == 1 else [0.3 * (i / (len(methods) - 1) - 0.5) for i in range(len(methods))]
+    last = f"last {100 * rows[0]['fraction']:g}% of rounds"
     for ax, key in zip(axes[0], keys, strict=True):
         for i, method in enumerate(methods):
-            ys, xs, errs = [], [], []
             for j, setting in enumerate(settings):
-                match = [r for r in rows if r["setting"] == setting and f"gain_{key}" in r
-                         and f"{r['algorithm']} + gma (τ={number(r['threshold'])})" == method]
-                if match:
-                    gain = match[0][f"gain_{key}"]
-                    ys.append(j + offsets[i])
-                    xs.append(100 * gain["mean"])
-                    errs.append(0.0 if math.isnan(gain["ci95"]) else 100 * gain["ci95"])
-            if xs:
-                ax.errorbar(xs, ys, xerr=errs, fmt="o", capsize=4, color=f"C{i}", label=method)
+                match = [r for r in rows if r["setting"] == setting and r["metric"] == key
+                         and _method_name(r) == method]
+                for row in match:
+                    x = 100 * row["difference"]
+                    err = None if row["ci_low"] is None else [[x - 100 * row["ci_low"]], [100 * row["ci_high"] - x]]
+                    ax.errorbar([x], [j + offsets[i]], xerr=err, fmt="o", capsize=4, color=f"C{i}",
+                                markerfacecolor=f"C{i}" if row["significant"] else "white")
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(range(len(settings)), [s or "all runs" for s in settings])
+        ax.set_yticks(range(len(settings)), labels, fontsize=8)
         ax.set_ylim(len(settings) - 0.5, -0.5)
-        name = "final test accuracy" if key == "test_accuracy" else "final out-of-distribution accuracy"
-        ax.set_xlabel(f"GMA − plain averaging, {name} (points)")
-        ax.set_title(f"{name}: GMA's gain", fontsize=10)
+        ax.set_xlabel(f"method − plain averaging, {key.replace('_', ' ')} ({last}, points)")
+        ax.set_title(key.replace("_", " "), fontsize=10)
         ax.grid(alpha=0.3, axis="x")
         low, high = ax.get_xlim()
         bound = 1.1 * max(abs(low), abs(high), 0.5)  # a margin: no marker on the frame
         ax.set_xlim(-bound, bound)  # 0 in the middle: gains right, losses left
-    seeds = sorted({r["seeds"] for r in rows})
-    shown = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    fig.legend(loc="outside lower center", ncols=min(len(methods), 3), fontsize=8, frameon=False)
-    fig.suptitle(f"GMA − plain averaging, paired by seed (mean and 95% t-interval over {shown} seeds)", fontsize=11)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=f"C{i}") for i in range(len(methods))]
+    fig.legend(handles, methods, loc="outside lower center", ncols=min(len(methods), 3), fontsize=8, frameon=False)
+    fig.suptitle(f"Each method − plain averaging, paired by seed: mean and 95% t-interval over {_seed_range(rows)} "
+                 "seeds (filled: significant after Holm)", fontsize=10, wrap=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+#: The map's preferred axes, in order: x, one line each, one panel each.
+_MAP_AXES = ("data.partition", "server.clients_per_round", "client.local_epochs")
+
+
+def _partition(values: dict[str, Any]) -> str:
+    name = values.get("data.partition.name")
+    options = {k.removeprefix("data.partition."): v for k, v in values.items()
+               if k.startswith("data.partition.") and k != "data.partition.name" and v is not None}
+    if name in (None, "dirichlet") and "alpha" in options:
+        rest = {k: v for k, v in options.items() if k != "alpha"}
+        text = f"Dirichlet α={format_value(options['alpha'])}"
+    else:
+        rest = options
+        text = "IID" if name == "iid" else str(name)
+    return text + "".join(f", {k.replace('_', ' ')} {format_value(v)}" for k, v in rest.items())
+
+
+def _partition_order(text: str, values: dict[str, Any]) -> tuple:
+    """Increasing heterogeneity: IID, then Dirichlet by decreasing α, then anything else by name."""
+    name, alpha = values.get("data.partition.name"), values.get("data.partition.alpha")
+    if name == "iid":
+        return (0, 0.0, text)
+    if alpha is not None and name in (None, "dirichlet"):
+        return (1, -float(alpha), text)
+    return (2, 0.0, text)
+
+
+def _map_dimensions(rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+    """The map's dimensions: (name, readable name, row -> (shown value, sort key)); the partition keys make
+    one dimension, then clients per round, local epochs, then the other varying keys, most values first."""
+    keys = rows[0]["keys"]
+    dims: list[tuple[str, str, Any]] = []
+    if any(k.startswith("data.partition.") for k in keys):
+        # a partition option other than the name and α is shown only where it differs between rows of the same
+        # partition and α (min_size, set for Dirichlet and absent for IID, is not)
+        seen: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for row in rows:
+            values = row["values"]
+            ident = (str(values.get("data.partition.name")), str(values.get("data.partition.alpha")))
+            for k, v in values.items():
+                seen[ident][k].add(format_value(v))
+        varied = {k for options in seen.values() for k, shown in options.items() if len(shown) > 1}
+
+        def partition(row: dict[str, Any]) -> tuple[str, tuple]:
+            values = {k: v for k, v in row["values"].items() if k.startswith("data.partition.")
+                      and (k in ("data.partition.name", "data.partition.alpha") or k in varied)}
+            text = _partition(values)
+            return text, _partition_order(text, values)
+        dims.append(("data.partition", "data partition (heterogeneity)", partition))
+
+    def single(key: str) -> Any:
+        return lambda row: (format_value(row["values"].get(key)), _sort_value(row["values"].get(key)))
+
+    rest = [k for k in keys if not k.startswith("data.partition.")]
+    ordered = [k for k in _MAP_AXES[1:] if k in rest]
+    others = sorted((k for k in rest if k not in ordered),
+                    key=lambda k: (-len({format_value(r["values"].get(k)) for r in rows}), k))
+    dims += [(k, readable_name(k, keys), single(k)) for k in ordered + others]
+    return [d for d in dims if len({d[2](row)[0] for row in rows}) > 1]  # only what varies between the points
+
+
+def _sort_value(value: Any) -> tuple:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, format_value(value))
+
+
+def plot_gain_map(rows: list[dict[str, Any]], path: Path, method: str = "gma") -> Path | None:
+    """The map of GMA's gain: ``method`` − plain averaging in test-accuracy points (over the last 20% of
+    rounds), a point with its 95% interval per setting, laid out by up to three of the settings' varying
+    keys: x = the data partition (IID, then Dirichlet by decreasing α) or the first varying key, one line
+    and marker per the second (clients per round), one panel per the third (local epochs). Settings that
+    differ in any further varying key are shown only at its most common value (the others are in the
+    gains table), named in the title. Filled markers: significant after Holm; open: not, or fewer than two
+    seeds (no interval). Returns ``path``, or None when there is no such comparison."""
+    rows = [r for r in rows if r["metric"] == "test_accuracy" and r["method"] == method and r["baseline"] == "mean"
+            and r["difference"] is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    dims = _map_dimensions(rows) if rows[0]["keys"] else []
+    shown, fixed = dims[:3], dims[3:]
+    fixed_text = []
+    for _, name, get in fixed:  # a further key: keep its most common value
+        counts: dict[str, int] = defaultdict(int)
+        for row in rows:
+            counts[get(row)[0]] += 1
+        mode = max(counts, key=lambda v: (counts[v], v))
+        rows = [r for r in rows if get(r)[0] == mode]
+        fixed_text.append(f"{name} = {mode}")
+    if fixed:  # the kept points: partition labels need only the options that still differ
+        names = [d[0] for d in shown]
+        shown = sorted((d for d in _map_dimensions(rows) if d[0] in names), key=lambda d: names.index(d[0]))
+    taus = sorted({r["tau"] for r in rows if r["tau"] is not None})
+
+    def coordinate(row: dict[str, Any], index: int) -> tuple[str, tuple]:
+        return shown[index][2](row) if index < len(shown) else ("", ())
+
+    xs = sorted({coordinate(r, 0) for r in rows}, key=lambda v: v[1])
+    lines = sorted({(coordinate(r, 1), r["tau"] if len(taus) > 1 else None) for r in rows},
+                   key=lambda v: (v[0][1], v[1] or 0))
+    panels = sorted({coordinate(r, 2) for r in rows}, key=lambda v: v[1])
+    x_index = {x[0]: i for i, x in enumerate(xs)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 0.9 * len(xs) + 3.2) * min(len(panels), 3) ** 0.8,
+                                                      4.6), squeeze=False, sharey=True, layout="constrained")
+    markers = "osD^vP*Xh<>"
+    width = 0.5
+    offsets = [0.0] if len(lines) == 1 else [width * (i / (len(lines) - 1) - 0.5) for i in range(len(lines))]
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for i, (line, tau) in enumerate(lines):
+            points = sorted((r for r in rows if coordinate(r, 2) == panel and coordinate(r, 1) == line
+                             and (tau is None or r["tau"] == tau)), key=lambda r: x_index[coordinate(r, 0)[0]])
+            if not points:
+                continue
+            px = [x_index[coordinate(r, 0)[0]] + offsets[i] for r in points]
+            py = [100 * r["difference"] for r in points]
+            low = [0.0 if r["ci_low"] is None else 100 * (r["difference"] - r["ci_low"]) for r in points]
+            high = [0.0 if r["ci_high"] is None else 100 * (r["ci_high"] - r["difference"]) for r in points]
+            colour, marker = f"C{i % 10}", markers[i % len(markers)]
+            ax.errorbar(px, py, yerr=[low, high], color=colour, marker=marker, markersize=7, capsize=4,
+                        linestyle="-" if len(xs) > 1 else "none", linewidth=1, alpha=0.9, markerfacecolor="white")
+            sig = [(x, y) for x, y, r in zip(px, py, points, strict=True) if r["significant"]]
+            if sig:
+                ax.plot(*zip(*sig, strict=True), linestyle="none", marker=marker, markersize=7, color=colour, zorder=3)
+        ax.axhline(0, color="black", linewidth=1)
+        ax.set_xticks(range(len(xs)), [textwrap.fill(x[0], 18) or "all settings" for x in xs])
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+        ax.set_xlabel(shown[0][1] if shown else "")
+        if len(shown) > 2:
+            ax.set_title(f"{shown[2][1]} = {panel[0]}", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel(f"{method} − mean, test accuracy\n(points, last {100 * rows[0]['fraction']:g}% of rounds)")
+    handles, labels = [], []
+    for i, (line, tau) in enumerate(lines):
+        handles.append(plt.Line2D([], [], color=f"C{i % 10}", marker=markers[i % len(markers)], markersize=7))
+        parts = [f"{shown[1][1]} = {line[0]}"] if len(shown) > 1 else []
+        parts += [f"τ = {number(tau)}"] if tau is not None else []
+        labels.append(", ".join(parts) or method)
+    handles += [plt.Line2D([], [], color="gray", marker="o", linestyle="none"),
+                plt.Line2D([], [], color="gray", marker="o", linestyle="none", markerfacecolor="white")]
+    labels += ["significant after Holm (0.05)", "not significant"]
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
+    title = (f"{method} − plain averaging by setting: mean and 95% t-interval over {_seed_range(rows)} paired seeds"
+             + (f"\n(only {', '.join(fixed_text)})" if fixed_text else ""))
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

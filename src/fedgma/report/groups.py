@@ -1,12 +1,12 @@
-"""Grouping runs: seeds of one configuration pooled, the server lr chosen on validation, GMA paired with
-plain averaging of the same setting and algorithm, and τ sweeps found.
+"""Grouping runs: seeds of one configuration pooled, the server lr chosen on validation (issue 15's
+protocol: :func:`~fedgma.report.protocol.select_lr`), every method paired with plain averaging of the same
+setting, and τ sweeps found.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,10 +15,11 @@ from typing import Any
 from fedgma.config import flatten
 from fedgma.registry import AGGREGATORS
 from fedgma.report.configs import describe, format_value, identity, is_method_key, varying_keys
+from fedgma.report.protocol import LAST_FRACTION, LrChoice, curve_area, last_fraction_mean, select_lr
 from fedgma.report.runs import RunRecord
 
-__all__ = ["Group", "extra_accuracies", "make_groups", "method_label", "pair_groups", "swept_keys",
-           "tau_families"]
+__all__ = ["Group", "comparisons", "extra_accuracies", "make_groups", "method_label", "pair_groups", "setting_keys",
+           "swept_keys", "tau_families"]
 
 
 #: Config keys that do not define *what* is compared: the seed, the name, the aggregator and its
@@ -51,6 +52,9 @@ class Group:
     selected: bool = True  # False: another server lr won on validation
     values: dict[str, Any] = field(default_factory=dict)
     folder: str = ""
+    fraction: float = LAST_FRACTION  # the protocol's metrics average the last 20% of rounds
+    lr_choice: LrChoice | None = None  # set where the server lr was chosen among several on validation
+    lr_seeds: int = 0  # the fewest seeds any lr of that choice had
 
     @property
     def flat(self) -> dict[str, Any]:
@@ -68,10 +72,15 @@ class Group:
 
     @property
     def threshold(self) -> float | None:
-        if self.aggregator != "gma":
-            return None
-        default = AGGREGATORS.options("gma").model_fields["threshold"].default
-        return float(self.flat.get("server.aggregator.threshold", default))
+        """τ of GMA and of the aggregators that share its options (the ablations); None for the others."""
+        try:
+            field_ = AGGREGATORS.options(self.aggregator).model_fields.get("threshold")
+        except ValueError:  # an aggregator this version does not register: its own τ if recorded
+            field_ = None
+        value = self.flat.get("server.aggregator.threshold")
+        if field_ is None:
+            return None if value is None or self.aggregator == "mean" else float(value)
+        return float(field_.default if value is None else value)
 
     @property
     def server_lr(self) -> float:
@@ -87,8 +96,37 @@ class Group:
     def final(self, key: str = "test_accuracy") -> list[float]:
         return [float(r.summary["final"][key]) for r in self.runs if key in r.summary["final"]]
 
-    def best(self) -> list[float]:
-        return [float(r.summary["best"]["test_accuracy"]) for r in self.runs]
+    def last(self, key: str = "test_accuracy") -> dict[int, float]:
+        """Seed -> the mean of ``key`` over the last ``fraction`` of the run's rounds (the protocol's metric,
+        :func:`~fedgma.report.protocol.last_fraction_mean`); runs that never evaluated ``key`` are left out."""
+        return {int(r.summary["seed"]): last_fraction_mean(r.metrics, key, fraction=self.fraction)
+                for r in self.runs if _has(r, key)}
+
+    def area(self, key: str = "test_accuracy") -> dict[int, float]:
+        """Seed -> the area under the learning curve of ``key`` divided by its span, from round 0 at the
+        untrained model's value where the summary holds it (:func:`~fedgma.report.protocol.curve_area`);
+        a curve of a single evaluation has no area and is left out."""
+        areas = {}
+        for run in self.runs:
+            if not _has(run, key):
+                continue
+            initial = (run.summary.get("initial") or {}).get(key)
+            points = sum(1 for m in run.metrics if m.get(key) is not None) + (initial is not None)
+            if points >= 2:
+                areas[int(run.summary["seed"])] = curve_area(run.metrics, key, initial)
+        return areas
+
+    def at_best_validation(self, key: str = "test_accuracy") -> dict[int, float]:
+        """Seed -> ``key`` at the evaluation with the best validation accuracy (the first of equals): the only
+        "best" accuracy the report shows, chosen on validation, never on the test set. Runs without a
+        validation split are left out."""
+        chosen = {}
+        for run in self.runs:
+            records = [m for m in run.metrics if m.get("validation_accuracy") is not None and m.get(key) is not None]
+            if records:
+                best = max(records, key=lambda m: m["validation_accuracy"])  # max keeps the first of equals
+                chosen[int(run.summary["seed"])] = float(best[key])
+        return chosen
 
     def by_seed(self, key: str = "test_accuracy") -> dict[int, float]:
         return {int(r.summary["seed"]): float(r.summary["final"][key]) for r in self.runs if key in r.summary["final"]}
@@ -101,8 +139,16 @@ class Group:
 
     def lr_key(self) -> tuple[str, str]:
         """Configurations that differ only in the server lr (and seed) share this key."""
-        rest = {k: v for k, v in self.flat.items() if k not in {"seed", "name", "server.optimizer.lr"}}
-        return self.setting, json.dumps(rest, sort_keys=True, default=str)
+        return _lr_key(self.folder, self.flat)
+
+
+def _lr_key(folder: str, flat: dict[str, Any]) -> tuple[str, str]:
+    rest = {k: v for k, v in flat.items() if k not in {"seed", "name", "server.optimizer.lr"}}
+    return folder, json.dumps(rest, sort_keys=True, default=str)
+
+
+def _has(run: RunRecord, key: str) -> bool:
+    return any(m.get(key) is not None for m in run.metrics)
 
 
 def method_label(group: Group, method_keys: list[str]) -> str:
@@ -110,7 +156,7 @@ def method_label(group: Group, method_keys: list[str]) -> str:
     label = f"{group.algorithm} + {group.aggregator}"
     shown = [k for k in method_keys if k not in ("algorithm", "server.aggregator.name", "server.aggregator.threshold")
              and group.flat.get(k) is not None]
-    extra = [f"τ={format_value(group.threshold)}"] if group.aggregator == "gma" else []
+    extra = [f"τ={format_value(group.threshold)}"] if group.threshold is not None else []
     if shown:
         extra.append(describe(group.flat, shown))
     return label + (f" ({', '.join(extra)})" if extra else "")
@@ -121,20 +167,38 @@ def swept_keys(groups: list[Group]) -> list[str]:
     return varying_keys(g.flat for g in groups)
 
 
-def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy") -> list[Group]:
+def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy", fraction: float = LAST_FRACTION,
+                diverged: Iterable[dict[str, Any]] = ()) -> list[Group]:
     """Group runs by their resolved configs: runs whose configs differ only in seed and name (and that sit
     in the same sub-folder) are one group. Every key that differs between groups is swept: setting keys
     name the group's ``setting``, method keys its ``label`` (:class:`Group`).
 
-    Where groups differ only in the server lr, the lr with the best mean final ``metric`` (the validation
-    split, never the test set) is marked selected and the others not.
+    Where groups differ only in the server lr, the lr is chosen by
+    :func:`~fedgma.report.protocol.select_lr`: the best mean over seeds of ``metric`` (the validation
+    split, never the test set) averaged over the last ``fraction`` of rounds; runs in ``diverged``
+    (:func:`~fedgma.report.runs.find_diverged` items with their ``setting``) score 0 at their lr. That
+    group is marked selected, the others not, and every group of the family keeps the choice
+    (``lr_choice``: scores and whether the pick is on an edge of the grid). Without a validation split
+    every lr is kept.
+
+    Raises:
+        ValueError: two runs with the same configuration and seed (from two folders, say), which would
+            count one seed twice.
     """
     by_config: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for run in runs:
         flat = {**config_defaults(), **flatten(run.config)}
         by_config[(run.setting, identity(flat))].append(run)
-    groups = [Group(folder, "", sorted(members, key=lambda r: r.summary["seed"]), folder=folder)
+    groups = [Group(folder, "", sorted(members, key=lambda r: r.summary["seed"]), folder=folder, fraction=fraction)
               for (folder, _), members in sorted(by_config.items())]
+    for group in groups:
+        seen: dict[int, RunRecord] = {}
+        for run in group.runs:
+            seed = int(run.summary["seed"])
+            if seed in seen:
+                raise ValueError(f"runs {seen[seed].path} and {run.path} have the same configuration and seed {seed}; "
+                                 "report one of them")
+            seen[seed] = run
     keys = swept_keys(groups)
     setting_keys = [k for k in keys if not is_method_key(k)]
     method_keys = [k for k in keys if is_method_key(k)]
@@ -146,14 +210,27 @@ def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy") 
     by_lr: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
         by_lr[group.lr_key()].append(group)
-    for family in by_lr.values():
-        if len(family) < 2:
+    failed: dict[tuple[str, str], dict[float, dict[int, None]]] = defaultdict(lambda: defaultdict(dict))
+    for item in diverged:
+        if item.get("config"):
+            flat = {**config_defaults(), **flatten(item["config"])}
+            if flat.get("server.optimizer.lr") is not None:
+                failed[_lr_key(item.get("setting", ""), flat)][float(flat["server.optimizer.lr"])][
+                    int(flat.get("seed", 0))] = None
+    for key, family in by_lr.items():
+        runs_by_lr: dict[float, dict[int, Any]] = {g.server_lr: {int(r.summary["seed"]): r.metrics for r in g.runs}
+                                                   for g in family}
+        for lr, seeds in failed.get(key, {}).items():
+            runs_by_lr.setdefault(lr, {}).update({s: None for s in seeds if s not in runs_by_lr.get(lr, {})})
+        if len(runs_by_lr) < 2:
             continue
-        if not all(group.final(metric) for group in family):
+        if not all(_has(r, metric) for g in family for r in g.runs):
             continue  # no validation split: keep every lr (GMA is then paired at equal lr)
-        best = max(family, key=lambda g: (statistics.fmean(g.final(metric)), -g.server_lr))
+        choice = select_lr(runs_by_lr, metric, fraction=fraction, min_seeds=1)
         for group in family:
-            group.selected = group is best
+            group.selected = group.server_lr == choice.lr
+            group.lr_choice = choice
+            group.lr_seeds = min(len(seeds) for seeds in runs_by_lr.values())
     return groups
 
 
@@ -167,26 +244,53 @@ def extra_accuracies(groups: Iterable[Group], per_domain: bool = True) -> list[s
     return sorted(keys, key=lambda k: (k != "validation_accuracy", k))
 
 
-def pair_groups(groups: list[Group]) -> list[tuple[Group, Group]]:
-    """(plain averaging, GMA) pairs: same setting and configuration except the aggregation knobs.
+def comparisons(groups: list[Group], baseline: str = "mean") -> list[tuple[Group, Group]]:
+    """(plain averaging, method) pairs: every selected group of another aggregator (``gma``, its ablations,
+    robust rules, ...) with the selected ``baseline`` group of the same setting, that is the same
+    configuration except the seed, the aggregator and its options, and the server lr (each method at its
+    own lr, chosen on validation).
 
-    Only selected groups take part; if several plain-averaging groups match (no validation to choose
-    a server lr), GMA is paired with the one at its own server lr.
+    If several baseline groups match (no validation split to choose a server lr), a method is paired with
+    the one at its own server lr.
     """
-    means: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    bases: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
-        if group.selected and group.aggregator == "mean":
-            means[group.pair_key()].append(group)
+        if group.selected and group.aggregator == baseline:
+            bases[group.pair_key()].append(group)
     pairs = []
     for group in groups:
-        if not group.selected or group.aggregator != "gma":
+        if not group.selected or group.aggregator == baseline:
             continue
-        candidates = means.get(group.pair_key(), [])
+        candidates = bases.get(group.pair_key(), [])
         if len(candidates) > 1:
             candidates = [m for m in candidates if m.server_lr == group.server_lr]
         if len(candidates) == 1:
             pairs.append((candidates[0], group))
     return pairs
+
+
+def pair_groups(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """(plain averaging, GMA) pairs (:func:`comparisons` restricted to ``gma``)."""
+    return [(base, group) for base, group in comparisons(groups) if group.aggregator == "gma"]
+
+
+def setting_keys(groups: Iterable[Group]) -> list[str]:
+    """The config keys that tell the settings of ``groups`` apart: those that differ between them, less the
+    seed, the aggregator and its options and the server lr (what a comparison varies within a setting)."""
+    flats = [{k: v for k, v in g.flat.items()
+              if k not in _PAIRING_IGNORES and not k.startswith(_PAIRING_IGNORED_PREFIX)} for g in groups]
+    keys = varying_keys(flats)
+
+    def rank(key: str) -> tuple[int, int]:
+        first = (i for i, prefix in enumerate(_SETTING_ORDER) if key == prefix or key.startswith(prefix + "."))
+        return next(first, len(_SETTING_ORDER)), keys.index(key)
+
+    return sorted(keys, key=rank)
+
+
+#: The order of a setting's keys in the gains table: data first, then the axes of GMA's map, then the rest.
+_SETTING_ORDER = ("data.dataset", "data.partition.name", "data.partition", "server.clients_per_round",
+                  "client.local_epochs", "algorithm")
 
 
 def tau_families(groups: list[Group]) -> list[list[Group]]:

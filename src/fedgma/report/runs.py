@@ -128,12 +128,13 @@ def load_run(path: str | Path, setting: str = "") -> RunRecord:
 def find_runs(root: str | Path) -> list[RunRecord]:
     """Every finished run folder (one holding ``summary.json``) under ``root``, in name order."""
     root = Path(root)
-    runs = []
-    for marker in sorted(root.rglob("summary.json")):
-        parent = marker.parent.parent
-        setting = "" if marker.parent == root or parent == root else parent.relative_to(root).as_posix()
-        runs.append(load_run(marker.parent, setting))
-    return runs
+    return [load_run(marker.parent, _setting(root, marker.parent)) for marker in sorted(root.rglob("summary.json"))]
+
+
+def _setting(root: Path, folder: Path) -> str:
+    """The sub-folder of ``root`` that holds run ``folder`` ("" for a run in ``root`` or one level below)."""
+    parent = folder.parent
+    return "" if folder == root or parent == root else parent.relative_to(root).as_posix()
 
 
 def group_runs(runs: Iterable[RunRecord]) -> dict[str, list[RunRecord]]:
@@ -145,12 +146,15 @@ def group_runs(runs: Iterable[RunRecord]) -> dict[str, list[RunRecord]]:
 
 
 def find_diverged(root: str | Path) -> list[dict[str, Any]]:
-    """Runs under ``root`` that stopped on a non-finite model (``diverged.json``), with their config."""
+    """Runs under ``root`` that stopped on a non-finite model (``diverged.json``), with their config and
+    ``setting`` (the sub-folder, as :attr:`RunRecord.setting`)."""
+    root = Path(root)
     found = []
-    for marker in sorted(Path(root).rglob("diverged.json")):
+    for marker in sorted(root.rglob("diverged.json")):
         config_path = marker.parent / "config.toml"
         config = read_config(read_toml(config_path), marker.parent) if config_path.is_file() else {}
-        found.append({"path": marker.parent, "config": config, **read_json(marker)})
+        found.append({"path": marker.parent, "config": config, "setting": _setting(root, marker.parent),
+                      **read_json(marker)})
     return found
 
 

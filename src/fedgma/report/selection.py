@@ -10,7 +10,7 @@ from typing import Any
 from fedgma.report.groups import Group
 from fedgma.report.runs import find_diverged, find_runs, part_name
 
-__all__ = ["lr_selection", "select_server_lr"]
+__all__ = ["lr_selection", "lr_selection_columns", "select_server_lr"]
 
 
 def select_server_lr(
@@ -45,25 +45,38 @@ def select_server_lr(
     return chosen
 
 
-def lr_selection(groups: list[Group]) -> dict[str, Any]:
-    """Per lr family with several server lrs: the validation score of each lr and the one selected."""
+def lr_selection(groups: list[Group]) -> list[dict[str, Any]]:
+    """Every server-lr choice the report made (:func:`~fedgma.report.groups.make_groups`): ``setting``,
+    ``method``, ``scores`` (lr -> validation accuracy over the last 20% of rounds, mean over seeds; a
+    diverged run scores 0), the ``chosen`` lr, ``edge`` ("low"/"high" when the pick is the smallest or
+    largest lr of the grid: widen it) and the fewest ``seeds`` of any lr."""
     families: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
-        families[group.lr_key()].append(group)
-    selection: dict[str, Any] = {}
+        if group.lr_choice is not None:
+            families[group.lr_key()].append(group)
+    rows = []
     for family in families.values():
-        if len(family) < 2:
-            continue
         first = family[0]
-        name = f"{first.setting or '.'}: {first.algorithm}+{first.aggregator}"
-        if first.aggregator == "gma":
-            name += f" (τ={first.threshold:g})"
-        selection[name] = {
-            "validation_accuracy": {f"{g.server_lr:g}": statistics.fmean(g.final("validation_accuracy"))
-                                    for g in family if g.final("validation_accuracy")},
-            "selected": [g.server_lr for g in family if g.selected],
-        }
-    return selection
+        method = f"{first.algorithm} + {first.aggregator}"
+        if first.threshold is not None:
+            method += f" (τ={first.threshold:g})"
+        choice = first.lr_choice
+        rows.append({"setting": first.setting, "method": method,
+                     "scores": {f"{lr:g}": score for lr, score in sorted(choice.scores.items())},
+                     "chosen": choice.lr, "edge": choice.edge, "seeds": first.lr_seeds})
+    rows.sort(key=lambda r: (r["setting"], r["method"]))
+    return rows
+
+
+def lr_selection_columns(rows: list[dict[str, Any]], fraction: float) -> tuple[list[str], list[list[str]]]:
+    """The server-lr choices as a header and text cells; validation accuracy in %."""
+    header = ["setting", "method", f"validation acc % (last {100 * fraction:g}%) per server lr", "chosen lr",
+              "edge of grid", "seeds per lr"]
+    body = [[r["setting"] or "all runs", r["method"],
+             ", ".join(f"{lr}: {100 * score:.2f}" for lr, score in r["scores"].items()), f"{r['chosen']:g}",
+             {"low": "lowest lr: widen the grid down", "high": "highest lr: widen the grid up"}.get(r["edge"], "no"),
+             str(r["seeds"]) + (" (protocol: ≥ 2)" if r["seeds"] < 2 else "")] for r in rows]
+    return header, body
 
 
 def _server_lr(config: dict[str, Any], where: Path) -> float:

@@ -1,20 +1,32 @@
-"""The whole report of a runs folder: tables, gains, server-lr selection, plots, ``report.md`` and a
-self-contained ``report.html``."""
+"""The whole report of one or more runs folders: tables, comparisons, server-lr selection, plots,
+``report.md`` and a self-contained ``report.html``."""
 
 from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedgma.report.configs import readable_name
-from fedgma.report.figures import plot_curves, plot_gains, plot_mask, plot_tau
+from fedgma.report.figures import plot_curves, plot_gain_map, plot_gains, plot_mask, plot_tau
 from fedgma.report.groups import make_groups, pair_groups, swept_keys, tau_families
 from fedgma.report.html import figure_html, page, table_html
+from fedgma.report.protocol import LAST_FRACTION
 from fedgma.report.runs import find_diverged, find_incomplete, find_runs
-from fedgma.report.selection import lr_selection
-from fedgma.report.tables import gain_columns, gain_rows, gains_markdown, table_columns, table_rows, write_csv
+from fedgma.report.selection import lr_selection, lr_selection_columns
+from fedgma.report.tables import (
+    GAIN_COLUMNS,
+    gain_columns,
+    gain_rows,
+    gains_markdown,
+    metric_name,
+    table_columns,
+    table_rows,
+    window,
+    write_csv,
+)
 
 __all__ = ["plural", "write_report"]
 
@@ -30,49 +42,78 @@ def _slug(text: str) -> str:
 
 
 def write_report(
-    root: str | Path, out: str | Path | None = None, target_fraction: float = 0.95, target: float | None = None
+    roots: str | Path | Sequence[str | Path], out: str | Path | None = None, target_fraction: float = 0.95,
+    target: float | None = None, fraction: float = LAST_FRACTION,
 ) -> dict[str, Any]:
-    """Read every run under ``root`` and write tables (Markdown, CSV), plots, ``report.md`` and
-    ``report.html`` to ``out`` (default ``root/report``).
+    """Read every run under ``roots`` (one folder or several, e.g. the evaluation folders of a study, whose
+    tuning runs are left out) and write tables (Markdown, CSV), plots, ``report.md`` and ``report.html`` to
+    ``out`` (default ``root/report`` for one folder; required for several).
 
     Runs are grouped by their resolved configs (:func:`~fedgma.report.groups.make_groups`): every config
-    key that differs between runs is a column; seeds of one configuration are pooled. Runs without a
-    summary are counted: ``diverged`` (``diverged.json``), ``failed`` (``error.txt``) and ``unfinished``.
+    key that differs between runs is a column; seeds of one configuration are pooled, whichever folder
+    they come from. The reported metric is the mean of test accuracy over the last ``fraction`` of the
+    rounds (issue 15's protocol), with the area under the curve and the rounds to a target beside it;
+    where configurations differ only in the server lr it is chosen on validation
+    (:func:`~fedgma.report.protocol.select_lr`). Every method is compared with plain averaging in the same
+    setting (gains.md/.csv: paired differences, 95% t-interval, p, Holm's p across each table). Runs
+    without a summary are counted: ``diverged`` (``diverged.json``), ``failed`` (``error.txt``) and
+    ``unfinished``.
 
-    Returns ``{"rows", "gains", "out", "figures", "diverged", "incomplete", "runs", "swept"}``.
+    Returns ``{"rows", "gains", "out", "figures", "diverged", "incomplete", "runs", "swept", "lr_choices"}``.
 
     Raises:
-        FileNotFoundError: ``root`` is not a folder.
-        ValueError: ``root`` holds no finished run, or ``target_fraction`` is not in (0, 1].
+        FileNotFoundError: a folder of ``roots`` does not exist.
+        ValueError: no finished run, several folders without ``out``, ``target_fraction`` or ``fraction``
+            not in (0, 1], or the same run configuration and seed found twice.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"runs folder {root} does not exist")
-    out = Path(out) if out is not None else root / "report"
-    runs = [r for r in find_runs(root) if out not in r.path.parents]
-    incomplete = [r for r in find_incomplete(root) if out not in r["path"].parents]
-    if not runs:
-        named = "".join(f"; {r['status']}: {r['path']}" for r in incomplete[:5])
-        raise ValueError(f"no finished runs (folders with summary.json) under {root}{named}")
+    roots = [Path(roots)] if isinstance(roots, str | Path) else [Path(r) for r in roots]
+    if not roots:
+        raise ValueError("no runs folder given")
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"runs folder {root} does not exist")
+    if out is None and len(roots) > 1:
+        raise ValueError(f"{len(roots)} runs folders: name the report folder (--out)")
+    out = Path(out) if out is not None else roots[0] / "report"
     if not 0 < target_fraction <= 1:
         raise ValueError(f"--target-fraction must be in (0, 1], got {target_fraction}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--last-fraction must be in (0, 1], got {fraction}")
+    roots = list(dict.fromkeys(roots))
+    runs = [r for root in roots for r in find_runs(root) if out not in r.path.parents]
+    incomplete = [r for root in roots for r in find_incomplete(root) if out not in r["path"].parents]
+    diverged = [d for root in roots for d in find_diverged(root) if out not in d["path"].parents]
+    if not runs:
+        named = "".join(f"; {r['status']}: {r['path']}" for r in incomplete[:5])
+        raise ValueError(f"no finished runs (folders with summary.json) under {', '.join(map(str, roots))}{named}")
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    groups = make_groups(runs)
+    groups = make_groups(runs, fraction=fraction, diverged=diverged)
     swept = swept_keys(groups)
     rows = table_rows(groups, target_fraction, target)
     gains = gain_rows(groups)
-    diverged = find_diverged(root)
+    choices = lr_selection(groups)
+    last = window(fraction)
 
-    (out / "summary.md").write_text(_markdown(*table_columns(rows)))
+    summary_md = _markdown(*table_columns(rows))
+    (out / "summary.md").write_text(summary_md)
     write_csv(out / "summary.csv", rows)
-    (out / "gains.md").write_text(gains_markdown(gains))
-    write_csv(out / "gains.csv", gains)
-    selection = lr_selection(groups)
-    (out / "server_lr_selection.json").write_text(json.dumps(selection, indent=2, ensure_ascii=False))
+    gain_tables = [(key, [g for g in gains if g["metric"] == key]) for key in dict.fromkeys(g["metric"] for g in gains)]
+    gains_md = gains_markdown(gains)
+    (out / "gains.md").write_text(gains_md or "No method to compare with plain averaging (mean) in the same setting.\n")
+    write_csv(out / "gains.csv", gains, GAIN_COLUMNS)
+    (out / "server_lr_selection.json").write_text(json.dumps(choices, indent=2, ensure_ascii=False))
 
-    title = root.resolve().name
+    title = roots[0].resolve().name if len(roots) == 1 else f"{len(roots)} runs folders"
     figures: list[tuple[Path, str]] = []
+    gain_map = plot_gain_map(gains, plots / "gain_map.png")
+    if gain_map:
+        figures.append((gain_map, f"The map: GMA − plain averaging in test accuracy ({last} of rounds, points) "
+                                  "per setting, mean and 95% t-interval over paired seeds; filled: significant "
+                                  "after Holm."))
+    gain_plot = plot_gains(gains, plots / "gains.png")
+    if gain_plot:
+        figures.append((gain_plot, "Every method − plain averaging per setting, paired by seed, 95% t-interval."))
     curves = plot_curves(groups, plots / "curves.png", title)
     if curves:
         figures.append((curves, "Test accuracy versus round, one line per method, one panel per setting."))
@@ -87,53 +128,86 @@ def write_report(
         path = plots / f"tau_{_slug(family[0].setting)}_{family[0].algorithm}.png"
         figures.append((plot_tau(family, base, path, family[0].setting or title),
                         f"Accuracy versus GMA's threshold τ ({family[0].setting or 'all runs'})."))
-    gain_plot = plot_gains(gains, plots / "gains.png")
-    if gain_plot:
-        figures.append((gain_plot, "GMA − plain averaging per setting, paired by seed, 95% t-interval."))
 
     counts = (f"{plural(len(runs), 'finished run')} in {plural(len(groups), 'configuration')}, "
               f"{len(diverged)} diverged, {sum(r['status'] == 'failed' for r in incomplete)} failed, "
               f"{sum(r['status'] == 'unfinished' for r in incomplete)} unfinished.")
     compared = ("Configurations differ in: " + ", ".join(f"{readable_name(k, swept)} (`{k}`)" for k in swept) + "."
                 if swept else "All runs share one configuration (only the seed differs).")
-    target_text = (f"Accuracy in %, mean ± std over seeds. Target: {target_fraction:g} × plain averaging's final "
-                   "test accuracy of the same setting and algorithm (first evaluated round reaching it; seeds "
-                   "reaching it)." if target is None else
-                   f"Accuracy in %, mean ± std over seeds. Target: {100 * target:.2f}%.")
+    protocol = (f"Metric: test accuracy averaged over the {last} of rounds, per run, then mean ± std over seeds; "
+                "beside it the area under the test-accuracy curve divided by its span (AUC, an average accuracy "
+                "over the run) and the rounds to a target. \"At best validation\" is the test accuracy at the "
+                "evaluation with the best validation accuracy (never chosen on test); \"final-round\" is the last "
+                "evaluation's.")
+    target_text = (f"Target: {target_fraction:g} × plain averaging's test accuracy ({last}) in the same setting "
+                   "(first evaluated round reaching it; seeds reaching it)." if target is None else
+                   f"Target: {100 * target:.2f}%.")
+    gains_text = (f"Each method − plain averaging (`mean`) in the same setting (same config but aggregator, its "
+                  f"options and server lr), paired by seed, on the {last} test-accuracy metric: mean difference in "
+                  "accuracy points, 95% Student-t interval, paired t-test p, and Holm's adjusted p across all "
+                  "comparisons of the table (significant: Holm's p ≤ 0.05). gains.csv holds the same in accuracy "
+                  "fractions. τ × clients per round: the net number of agreeing clients (|#positive − #negative "
+                  "signs|) at which GMA's mask reaches 1.")
+    lr_text = ""
+    if choices:
+        edges = sum(c["edge"] is not None for c in choices)
+        lr_text = (f"Where configurations differ only in the server lr, the lr with the best validation accuracy "
+                   f"averaged over the {last} of rounds and over seeds is compared (a diverged run scores 0); the "
+                   "others are marked \"not selected\". These lrs were chosen on the same seeds that are scored "
+                   "here: for an unbiased comparison, tune on other seeds and report only the evaluation runs. "
+                   f"{plural(edges, 'choice')} of {len(choices)} lie on an edge of the grid (widen it).")
     not_done = [*[{"path": d["path"], "status": "diverged", "error": d.get("error", "")} for d in diverged],
                 *incomplete]
 
-    lines = [f"# Report: {root}", "", counts, "", compared, ""]
+    def shown(path: Path) -> str:
+        for root in roots:
+            if root in path.parents:
+                return str(path.relative_to(root)) if len(roots) == 1 else str(path)
+        return str(path)
+
+    folders = "" if len(roots) == 1 else "Folders: " + ", ".join(f"`{r}`" for r in roots) + "."
+    lines = [f"# Report: {roots[0] if len(roots) == 1 else title}", "", counts, "", *([folders, ""] if folders else []),
+             compared, "", protocol, ""]
     if gains:
-        lines += ["## GMA − plain averaging (accuracy points, paired by seed)", "",
-                  "mean ± std over seeds [95% t-interval]; *verdict*: whether the interval excludes 0.", "",
-                  gains_markdown(gains)]
-    lines += ["## All configurations", "", target_text, "", _markdown(*table_columns(rows))]
-    if selection:
-        shown = json.dumps(selection, indent=1, ensure_ascii=False)
-        lines += ["## Server lr selected on validation accuracy", "", "```json", shown, "```", ""]
+        lines += ["## Comparisons with plain averaging", "", gains_text, "",
+                  gains_md]
+    if gain_map:
+        lines += ["## The map: GMA − plain averaging by setting", "", f"![gain_map](plots/{gain_map.name})", ""]
+    lines += ["## All configurations", "", target_text, "", summary_md]
+    if choices:
+        lines += ["## Server lr chosen on validation", "", lr_text, "",
+                  _markdown(*lr_selection_columns(choices, fraction))]
     if not_done:
         lines += ["## Runs without results", ""] + [
-            f"- {r['status']}: {r['path'].relative_to(root)}" + (f": {r['error']}" if r["error"] else "")
-            for r in not_done] + [""]
-    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p, _ in figures]
+            f"- {r['status']}: {shown(r['path'])}" + (f": {r['error']}" if r["error"] else "") for r in not_done] + [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p, _ in figures if p != gain_map]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
-    sections = [("Configurations compared", "<p>" + html.escape(compared.replace("`", "")) + "</p>")]
+    sections = [("Configurations compared", "<p>" + html.escape(compared.replace("`", "")) + "</p>"
+                 + (f"<p>{html.escape(folders.replace('`', ''))}</p>" if folders else "")
+                 + f"<p>{html.escape(protocol)}</p>")]
     if gains:
-        sections.append(("GMA − plain averaging (accuracy points, paired by seed)",
-                         "<p>mean ± std over seeds [95% t-interval]; verdict: whether the interval excludes 0.</p>"
-                         + table_html(*gain_columns(gains), table_class="gains")))
+        body = f"<p>{html.escape(gains_text.replace('`', ''))}</p>"
+        for key, family in gain_tables:
+            body += (f"<h3>{html.escape(metric_name(key))} ({last} of rounds), method − mean</h3>"
+                     + table_html(*gain_columns(family), table_class="gains" if key == "test_accuracy" else
+                                  f"gains-{_slug(key)}"))
+        sections.append(("Comparisons with plain averaging", body))
+    if gain_map:
+        sections.append(("The map: GMA − plain averaging by setting", figure_html(gain_map, figures[0][1])))
     sections.append(("All configurations", f"<p>{html.escape(target_text)}</p>"
                      + table_html(*table_columns(rows), table_class="summary")))
+    if choices:
+        sections.append(("Server lr chosen on validation", f"<p>{html.escape(lr_text)}</p>"
+                         + table_html(*lr_selection_columns(choices, fraction), table_class="lr")))
     if not_done:
         sections.append(("Runs without results", table_html(
-            ["run", "status", "error"],
-            [[str(r["path"].relative_to(root)), r["status"], r["error"]] for r in not_done], table_class="incomplete")))
-    sections.append(("Plots", "\n".join(figure_html(p, caption) for p, caption in figures)))
-    (out / "report.html").write_text(page(f"Report: {root}", sections, counts))
+            ["run", "status", "error"], [[shown(r["path"]), r["status"], r["error"]] for r in not_done],
+            table_class="incomplete")))
+    sections.append(("Plots", "\n".join(figure_html(p, caption) for p, caption in figures if p != gain_map)))
+    (out / "report.html").write_text(page(f"Report: {roots[0] if len(roots) == 1 else title}", sections, counts))
     return {"rows": rows, "gains": gains, "out": out, "figures": [p for p, _ in figures], "diverged": diverged,
-            "incomplete": incomplete, "runs": runs, "swept": swept}
+            "incomplete": incomplete, "runs": runs, "swept": swept, "lr_choices": choices}
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> str:
