@@ -217,3 +217,152 @@ def test_secure_gma_on_flowers_runtime_equals_plaintext_gma_and_survives_one_dro
         secure_new = torch.cat([torch.from_numpy(a).ravel() for a in record["new"]])
         assert (secure_new - plain_new).abs().max().item() <= 1e-5  # adam divides by sqrt(v): ~lr·error/τ
         theta = record["new"]
+
+
+# --------------------------------------------------------------------------------------------
+# One setting: fedgma's Flower app with secure-aggregation = true
+# --------------------------------------------------------------------------------------------
+
+
+def _plain_message(message_type):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))}),
+                          "config": ConfigRecord({"server-round": 1})})
+    return Message(content, dst_node_id=7, message_type=message_type)
+
+
+@pytest.mark.parametrize("message_type", ["train", "evaluate", "query"])
+def test_the_mod_passes_every_plaintext_message_through_untouched(message_type):
+    """The fedgma ClientApp always carries the mod: a message without SecAgg+'s ConfigRecord reaches the
+    handler as it came, and the handler's reply is returned as it is (Flower's own mod raises on it)."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.client.mod import secaggplus_mod
+
+    from fedgma.flower.secure import fedgma_secaggplus_mod
+
+    message = _plain_message(message_type)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    seen = []
+
+    def handler(msg, ctxt):
+        seen.append((msg, ctxt))
+        return Message(RecordDict(), reply_to=msg)
+
+    reply = fedgma_secaggplus_mod(message, context, handler)
+    assert seen == [(message, context)] and reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert len(context.state) == 0  # no SecAgg+ state was made
+    if message_type == "train":
+        with pytest.raises(KeyError):
+            secaggplus_mod(message, context, handler)  # why the pass-through is needed
+
+
+def _app_config(seed=1, algorithm="fedadam", **server):
+    from fedgma.config import parse_config, resolve
+
+    raw = {"seed": seed, "rounds": 3, "eval_every": 1, "algorithm": algorithm, "threads": 1,
+           "data": {"dataset": "digits", "num_clients": 5,
+                    "partition": {"name": "dirichlet", "alpha": 1.0, "min_size": 20}},
+           "model": {"name": "mlp"}, "client": {"local_epochs": 1, "batch_size": 16, "lr": 0.05},
+           "server": {"clients_per_round": 4, "aggregator": {"name": "gma", "threshold": 0.4}, **server}}
+    return resolve(parse_config(raw))
+
+
+def test_secure_aggregation_is_one_run_config_key_and_what_it_cannot_run_is_refused_in_one_line(tmp_path):
+    import tomllib
+
+    from fedgma.config import ConfigError
+    from fedgma.flower.app import (
+        SecureSettings,
+        check_secure_supported,
+        config_from_run_config,
+        flower_app_files,
+        secure_settings,
+    )
+
+    base = {"data.dataset": "digits", "data.num_clients": 5, "server.clients_per_round": 4}
+    _, own = config_from_run_config(base)
+    assert secure_settings(own) is None  # off by default
+    _, own = config_from_run_config({**base, "secure-aggregation": True, "secure-reconstruction-threshold": 3})
+    assert secure_settings(own) == SecureSettings(1.0, 1.0, 3)
+    # fedgma run --engine flower's one-run app carries the setting when run_flower(secure=...) asks for it
+    app = tomllib.loads(flower_app_files(_app_config(), tmp_path, secure=SecureSettings(0.5))["pyproject.toml"])
+    _, own = config_from_run_config(app["tool"]["flwr"]["app"]["config"])
+    assert secure_settings(own) == SecureSettings(0.5)
+    _, own = config_from_run_config(flatten := tomllib.loads(
+        flower_app_files(_app_config(), tmp_path)["pyproject.toml"])["tool"]["flwr"]["app"]["config"])
+    assert secure_settings(own) is None and "secure-aggregation" not in flatten
+
+    refused = {
+        "'secure-aggregation': expected true or false, got 'yes'": {"secure-aggregation": "yes"},
+        "'secure-update-bound': expected a finite number > 0, got 0.0": {"secure-update-bound": 0.0},
+        "'secure-num-shares': expected an integer ≥ 2": {"secure-num-shares": 1},
+        "'secure-reconstruction-threshold': expected an integer ≥ 2": {"secure-reconstruction-threshold": 1.5},
+    }
+    for message, keys in refused.items():
+        _, own = config_from_run_config({**base, "secure-aggregation": True, **keys})
+        with pytest.raises(ConfigError, match=message):
+            secure_settings(own)
+    check_secure_supported(_app_config())
+    check_secure_supported(_app_config(aggregator={"name": "mean"}))
+    cases = {
+        "config key 'server.aggregator': 'median' cannot run with secure-aggregation = true .*expected one of "
+        r"\('gma', 'mean'\)": _app_config(aggregator={"name": "median"}),
+        "config key 'client.algorithm': 'scaffold' cannot run with secure-aggregation = true .*expected 'sgd'":
+            _app_config(algorithm="scaffold"),
+        "config key 'server.clip_norm': .*expected it unset": _app_config(clip_norm=1.0),
+        "config key 'server.max_update_norm': .*expected it unset": _app_config(max_update_norm=5.0),
+        "config key 'server.clients_per_round': secure-aggregation = true needs at least 2 clients per round "
+        r"\(SecAgg\+\), got 1": _app_config(clients_per_round=1, min_clients=1),
+    }
+    for message, config in cases.items():
+        with pytest.raises(ConfigError, match=message) as error:
+            check_secure_supported(config)
+        assert "\n" not in str(error.value)
+
+
+def test_fedgma_app_with_secure_aggregation_gives_the_simulators_accuracy_on_flowers_runtime(tmp_path):
+    """fedgma's ServerApp and ClientApp with secure-aggregation on, 5 SuperNodes, 4 per round, 3 rounds:
+    GMA + adam and mean + sgd (FedAvg). Same clients, same accuracy as the simulator (plaintext), the
+    mask density within float32 noise of Δ = (θ+Δ) − θ, and the rounds say the secure sum was used."""
+    import json
+
+    from flower_sim import simulate
+    from flwr.serverapp import ServerApp
+
+    from fedgma.flower.app import SecureSettings, client_app, serve
+    from fedgma.simulation import run as run_simulator
+
+    configs = {"gma-adam": _app_config(), "mean-sgd": _app_config(seed=2, algorithm="fedavg", aggregator="mean")}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context):
+        for name, config in configs.items():
+            serve(grid, config, tmp_path / "secure" / name, secure=SecureSettings(update_bound=1.0))
+
+    simulate(server_app, client_app, num_supernodes=5)
+
+    def read(folder, name):
+        return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+    for name, config in configs.items():
+        run_simulator(config, tmp_path / "plain" / name, progress=False)
+        secure, plain = tmp_path / "secure" / name, tmp_path / "plain" / name
+        rounds, plain_rounds = read(secure, "rounds.jsonl"), read(plain, "rounds.jsonl")
+        assert [r["clients"] for r in rounds] == [r["clients"] for r in plain_rounds]  # fedgma's sampling
+        for r in rounds:
+            assert r["secure_aggregation"] is True and "skipped" not in r
+            assert r["secure_num_clients"] == 4 and r["secure_num_dropped"] == 0 and r["aggregated"] == r["clients"]
+            assert r["secure_clipped_fraction"] == 0.0 and "train_loss" not in r
+        metrics, plain_metrics = read(secure, "metrics.jsonl"), read(plain, "metrics.jsonl")
+        for a, b in zip(metrics, plain_metrics, strict=True):
+            assert a["round"] == b["round"]
+            # measured equal in every round (quantization error ~1e-9); allowed: 1 of the 449 test digits
+            assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1 / 449 + 1e-12, (name, a, b)
+            # mean = GMA with τ = 0: a mask of ones (the simulator's mean logs no mask)
+            assert a["mask_density"] == pytest.approx(b.get("mask_density", 1.0), abs=1e-3)
+        summary = json.loads((secure / "summary.json").read_text())
+        assert summary["secure_aggregation"] == {"update_bound": 1.0, "num_shares": 1.0,
+                                                 "reconstruction_threshold": 0.6}
+        assert summary["final"]["test_accuracy"] > summary["initial"]["test_accuracy"] + 0.2

@@ -24,6 +24,12 @@ server takes Δ' = (θ + Δ) − θ, which differs from Δ by float32 rounding.
 The experiment config travels inside every train message (ConfigRecord key ``fedgma-config``, the
 resolved TOML), so a ClientApp needs no local files; each ClientApp process builds the federated
 data set once per config and keeps it.
+
+Secure aggregation is one run-config key: with ``secure-aggregation = true`` the ServerApp runs the
+rounds under Flower's SecAgg+ (:class:`SecureFedGMA`, :func:`fedgma.flower.secure.run_secure`), and
+the ClientApp's train function, which always carries :func:`fedgma.flower.secure.fedgma_secaggplus_mod`
+(a pass-through for plaintext messages), sends its update encoded and masked: the server learns GMA's
+sums only (docs/PRIVACY.md).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -53,7 +60,9 @@ import tomllib
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
+from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
@@ -61,6 +70,7 @@ from fedgma.checkpoint import atomic_write, lock_folder, read_json
 from fedgma.client import ClientResult, ScaffoldClient, mean_train_loss, train_client
 from fedgma.config import Config, ConfigError, config_to_toml, parse_config, resolve, set_key
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
+from fedgma.flower.secure import SecureGMA, fedgma_secaggplus_mod, run_secure
 from fedgma.flower.strategy import FedgmaStrategy, InvalidReplyError, StreamingGrid
 from fedgma.models import FlatModel, build_model
 from fedgma.progress import ProgressBar
@@ -70,13 +80,20 @@ from fedgma.simulation import evaluate, local_settings, sample_clients
 __all__ = [
     "EXPERIMENT_KEY",
     "FedGMA",
+    "SecureFedGMA",
+    "SecureSettings",
+    "arrays_to_params",
+    "check_secure_supported",
     "check_supported",
     "client_app",
     "config_from_run_config",
+    "discover_clients",
     "make_server_app",
+    "params_to_arrays",
     "params_to_record",
     "record_to_params",
     "run_flower",
+    "secure_settings",
     "serve",
     "server_app",
 ]
@@ -98,6 +115,81 @@ def check_supported(config: Config) -> None:
     faults = getattr(config, "faults", None)
     if faults is not None and any(v for k, v in faults.model_dump().items() if k != "scale_factor"):
         raise ConfigError("config section [faults] (simulated faults) is not supported by --engine flower")
+
+
+SECURE_AGGREGATORS = ("gma", "mean")
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """The app's ``secure-*`` run-config keys: GMA through Flower's SecAgg+ (:mod:`fedgma.flower.secure`).
+
+    ``update_bound`` (``secure-update-bound``) is B, each client's update is clipped to ±B per
+    coordinate before encoding; ``num_shares`` and ``reconstruction_threshold``
+    (``secure-num-shares``, ``secure-reconstruction-threshold``) are ``SecAggPlusWorkflow``'s: an integer
+    is a number of clients, a float in (0, 1] a fraction of the round's sampled clients.
+
+    Raises:
+        ConfigError: a value out of range, naming its run-config key.
+    """
+
+    update_bound: float = 1.0
+    num_shares: int | float = 1.0
+    reconstruction_threshold: int | float = 0.6
+
+    def __post_init__(self) -> None:
+        bound = self.update_bound
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (0 < bound < math.inf):
+            raise ConfigError(f"run-config key 'secure-update-bound': expected a finite number > 0, got {bound!r}")
+        for key, value, least in (("secure-num-shares", self.num_shares, 2),
+                                  ("secure-reconstruction-threshold", self.reconstruction_threshold, 2)):
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= least) or (
+                isinstance(value, float) and 0 < value <= 1)
+            if not ok:
+                raise ConfigError(f"run-config key {key!r}: expected an integer ≥ {least} (clients) or a float in "
+                                  f"(0, 1] (a fraction of the round's clients), got {value!r}")
+
+
+def secure_settings(own: dict[str, Any]) -> SecureSettings | None:
+    """The :class:`SecureSettings` of the app's own run-config keys (:func:`config_from_run_config`), or None
+    when ``secure-aggregation`` is false.
+
+    Raises:
+        ConfigError: ``secure-aggregation`` not a boolean, or a ``secure-*`` value out of range.
+    """
+    enabled = own["secure-aggregation"]
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"run-config key 'secure-aggregation': expected true or false, got {enabled!r}")
+    if not enabled:
+        return None
+    return SecureSettings(own["secure-update-bound"], own["secure-num-shares"], own["secure-reconstruction-threshold"])
+
+
+def check_secure_supported(config: Config) -> None:
+    """Raise ConfigError (one line, naming the config key) for what ``secure-aggregation`` cannot run.
+
+    Under SecAgg+ the server sees only sums over the round's clients: GMA's and the mean's (both are
+    sums); not a rule that needs each update (median, trimmed_mean, krum, ...), not a server-side
+    check or clip of each update (``server.clip_norm``, ``server.max_update_norm``), not SCAFFOLD
+    (its server keeps a control variate per client, updated from each client's own reply), and
+    SecAgg+ needs at least 2 clients per round.
+    """
+    aggregator = config.server.aggregator.name
+    if aggregator not in SECURE_AGGREGATORS:
+        raise ConfigError(f"config key 'server.aggregator': {aggregator!r} cannot run with secure-aggregation = true "
+                          f"(the server sees only sums of the clients' updates); expected one of {SECURE_AGGREGATORS}")
+    if config.client.algorithm.name != "sgd":
+        raise ConfigError(f"config key 'client.algorithm': {config.client.algorithm.name!r} cannot run with "
+                          "secure-aggregation = true (its server needs each client's own update); expected 'sgd' "
+                          "(the fedavg, fedavgm, fedprox, fedadam, fedyogi and fedadagrad recipes)")
+    for key in ("clip_norm", "max_update_norm"):
+        if getattr(config.server, key) is not None:
+            raise ConfigError(f"config key 'server.{key}': per-client norms are not visible with "
+                              "secure-aggregation = true; expected it unset (secure-update-bound clips each "
+                              "coordinate of each update on its client)")
+    if config.server.clients_per_round < 2:
+        raise ConfigError(f"config key 'server.clients_per_round': secure-aggregation = true needs at least 2 "
+                          f"clients per round (SecAgg+), got {config.server.clients_per_round}")
 
 
 def build_data(config: Config) -> FederatedDataset:
@@ -138,6 +230,25 @@ def record_to_params(record: ArrayRecord, model: FlatModel) -> Tensor:
     return torch.cat(parts)
 
 
+def params_to_arrays(model: FlatModel, params: Tensor) -> list[np.ndarray]:
+    """A flat parameter vector as the list of the parameters' float32 arrays, in parameter order (legacy
+    Flower ``Parameters``, as SecAgg+'s workflow sends them)."""
+    return [array.numpy() for array in params_to_record(model, params).values()]
+
+
+def arrays_to_params(arrays: list[np.ndarray], model: FlatModel) -> Tensor:
+    """The flat parameter vector of :func:`params_to_arrays`' list (checked: count and sizes).
+
+    Raises:
+        ValueError: a number of arrays other than the model's parameters, or an array of the wrong size.
+    """
+    names = [layer.name for layer in model.layers]
+    if len(arrays) != len(names):
+        raise ValueError(f"got {len(arrays)} arrays, the model has {len(names)} parameters {names}")
+    return record_to_params(ArrayRecord({name: Array(np.asarray(a)) for name, a in zip(names, arrays, strict=True)}),
+                            model)
+
+
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """A resolved Config from a Flower run config (the experiment keys, dotted), and the app's own keys.
 
@@ -145,11 +256,15 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, dict[str
     ``round-timeout`` (seconds to wait for a round's replies), ``overwrite`` (replace a finished run
     of another config in ``run-dir``), ``run-dir-locked`` (the process that started the run holds the
     run folder's lock: :func:`run_flower`), ``pull-interval`` / ``max-pull-interval`` (seconds between
-    pulls of replies, see :class:`FedgmaStrategy`) and ``fedgma-config`` (a whole experiment config as TOML,
-    which the dotted keys, if any, then override).
+    pulls of replies, see :class:`FedgmaStrategy`), ``fedgma-config`` (a whole experiment config as TOML,
+    which the dotted keys, if any, then override), ``secure-aggregation`` (true: GMA under Flower's
+    SecAgg+, see :func:`serve`) and its ``secure-update-bound``, ``secure-num-shares``,
+    ``secure-reconstruction-threshold`` (:class:`SecureSettings`).
     """
     own: dict[str, Any] = {"run-dir": "", "round-timeout": 600.0, "overwrite": False, "run-dir-locked": False,
-                           "pull-interval": 0.1, "max-pull-interval": 2.0, EXPERIMENT_KEY: ""}
+                           "pull-interval": 0.1, "max-pull-interval": 2.0, EXPERIMENT_KEY: "",
+                           "secure-aggregation": False, "secure-update-bound": 1.0, "secure-num-shares": 1.0,
+                           "secure-reconstruction-threshold": 0.6}
     for key in own.keys() & run_config.keys():
         own[key] = run_config[key]
     raw: dict[str, Any] = tomllib.loads(str(own[EXPERIMENT_KEY])) if own[EXPERIMENT_KEY] else {}
@@ -242,23 +357,61 @@ def _query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({PARTITION_KEY: _partition_id(context)})}), reply_to=msg)
 
 
-@client_app.train()
+@client_app.train(mods=[fedgma_secaggplus_mod])
 def _train(msg: Message, context: Context) -> Message:
-    """Local training of this node's client from the received global model (fedgma.client.train_client)."""
+    """Local training of this node's client from the received global model (fedgma.client.train_client).
+
+    A plaintext train message (``arrays`` + ``config``) is answered with ``arrays`` (θ + Δ) and
+    ``metrics``. Under ``secure-aggregation`` the message is a legacy ``FitIns`` of Flower's SecAgg+
+    workflow (``fitins.parameters``: the model's arrays in parameter order): the reply is a ``FitRes``
+    (θ + Δ, ``num_examples``, no metrics in clear), which :func:`fedgma.flower.secure.fedgma_secaggplus_mod`
+    (this function's mod; a pass-through for plaintext messages) encodes, quantizes and masks.
+    """
+    if _SECURE_PARAMETERS in msg.content.array_records:
+        return _train_secure(msg, context)
     config_record = msg.content["config"]
     client = _client_for(str(config_record[EXPERIMENT_KEY]))
+    params = record_to_params(msg.content["arrays"], client.model)
+    result = _local_training(client, context, config_record, params, msg.content.array_records.get(SCAFFOLD_C))
+    metrics = MetricRecord({
+        "num-examples": int(result.num_samples),
+        "train_loss": float(result.train_loss),
+        "num-steps": int(result.num_steps),
+        "client-id": int(result.client_id),
+    })
+    arrays = params_to_record(client.model, params + result.update)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+_SECURE_PARAMETERS = "fitins.parameters"  # the ArrayRecord of a legacy FitIns (flwr.compat's naming)
+
+
+def _train_secure(msg: Message, context: Context) -> Message:
+    """The ClientApp's work in a SecAgg+ round: legacy FitIns in, FitRes (θ + Δ, n_k; no metrics) out."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    client = _client_for(str(fitins.config[EXPERIMENT_KEY]))
+    params = arrays_to_params(parameters_to_ndarrays(fitins.parameters), client.model)
+    result = _local_training(client, context, fitins.config, params, None)
+    # no train loss or step count in clear: the step count would tell n_k, which the secure mod hides
+    fitres = FitRes(status=Status(code=Code.OK, message=""), num_examples=int(result.num_samples), metrics={},
+                    parameters=ndarrays_to_parameters(params_to_arrays(client.model, params + result.update)))
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _local_training(client: _Client, context: Context, config_record: Any, params: Tensor,
+                    scaffold_c: ArrayRecord | None) -> ClientResult:
+    """train_client for this node's client (checked against the message's ``client-id``), SCAFFOLD if sent c."""
     client_id = _partition_id(context)
     expected = config_record.get("client-id")
     if expected is not None and int(expected) != client_id:
         raise ValueError(f"message for client {expected} reached the node of client {client_id}")
     if not 0 <= client_id < client.data.num_clients:
         raise ValueError(f"partition-id {client_id} is outside the config's {client.data.num_clients} clients")
-    params = record_to_params(msg.content["arrays"], client.model)
     round_index = int(config_record["server-round"])
     seed = client.config.seed
     correction = control = server_control = None
-    if SCAFFOLD_C in msg.content.array_records:  # SCAFFOLD: gradient correction c − c_i
-        server_control = _flat_of(msg.content.array_records[SCAFFOLD_C], client.model.numel)
+    if scaffold_c is not None:  # SCAFFOLD: gradient correction c − c_i
+        server_control = _flat_of(scaffold_c, client.model.numel)
         control = _client_control(context, str(config_record[SCAFFOLD_RUN]), int(config_record[SCAFFOLD_COMMITTED]),
                                   client.model.numel)
         correction = server_control - control
@@ -271,14 +424,7 @@ def _train(msg: Message, context: Context) -> Message:
         pending = control + (-server_control - result.update / (result.num_steps * client.settings.lr))
         context.state[SCAFFOLD_PENDING] = _flat_record(pending)
         context.state.config_records[SCAFFOLD_META]["pending-round"] = round_index
-    metrics = MetricRecord({
-        "num-examples": int(result.num_samples),
-        "train_loss": float(result.train_loss),
-        "num-steps": int(result.num_steps),
-        "client-id": int(client_id),
-    })
-    arrays = params_to_record(client.model, params + result.update)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return result
 
 
 @client_app.evaluate()
@@ -400,39 +546,8 @@ class FedGMA(FedgmaStrategy):
         return arrays, metrics
 
     def _discover(self, grid: Grid) -> dict[int, int]:
-        """Which node holds which client: wait for the nodes, then ask each (a Flower "query" message)."""
-        num_clients = self.config.data.num_clients
-        deadline = time.monotonic() + self.connect_timeout
-        while len(nodes := list(grid.get_node_ids())) < num_clients:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(nodes)} of {num_clients} SuperNodes connected in {self.connect_timeout} s"
-                )
-            time.sleep(0.5)
-        messages = [
-            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
-            for node in nodes
-        ]
-        replies = StreamingGrid(grid, self.pull_interval).send_and_receive(messages, timeout=self.connect_timeout)
-        mapping: dict[int, int] = {}
-        for reply in replies:
-            if reply.has_error():
-                log(WARNING, "node %s did not say which client it is: %s",
-                    reply.metadata.src_node_id, reply.error.reason)
-                continue
-            client_id = int(reply.content["metrics"][PARTITION_KEY])
-            if client_id in mapping:
-                raise ValueError(
-                    f"nodes {mapping[client_id]} and {reply.metadata.src_node_id} both hold client {client_id}"
-                )
-            mapping[client_id] = int(reply.metadata.src_node_id)
-        missing = sorted(set(range(num_clients)) - set(mapping))
-        if missing:
-            raise ValueError(
-                f"no connected SuperNode holds client(s) {missing[:10]} (partition-id in 0..{num_clients - 1})"
-            )
-        log(INFO, "fedgma: %d clients mapped to SuperNodes", len(mapping))
-        return mapping
+        """Which node holds which client (:func:`discover_clients`)."""
+        return discover_clients(grid, self.config.data.num_clients, self.connect_timeout, self.pull_interval)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -474,6 +589,140 @@ class FedGMA(FedgmaStrategy):
                 return client_id
         return node
 
+class SecureFedGMA(SecureGMA):
+    """A fedgma config run under Flower's SecAgg+: :class:`fedgma.flower.secure.SecureGMA` with the config's
+    aggregator (``gma`` with its threshold / hard / weighted_agreement, or ``mean`` = GMA with τ = 0, whose
+    mask is all ones), the config's server optimizer, and fedgma's client sampling.
+
+    ``sample_fit`` sends the round's :func:`fedgma.simulation.sample_clients` (as the simulator and
+    :class:`FedGMA` do) to the nodes holding them (``node_of_client``, :func:`discover_clients`); a
+    sampled client whose node is no longer connected is skipped (``unreachable``). A round whose secure
+    sum holds fewer than ``server.min_clients`` clients is skipped (model unchanged). ``evaluate_fn(round,
+    arrays)`` is called after every round (and with round 0 before the first), as the legacy workflow
+    calls a strategy's ``evaluate``.
+
+    Raises:
+        ConfigError: a config that secure aggregation cannot run (:func:`check_secure_supported`).
+    """
+
+    def __init__(self, config: Config, model: FlatModel, node_of_client: dict[int, int], max_examples: int,
+                 settings: SecureSettings, evaluate_fn: Callable[[int, list[np.ndarray]], None] | None = None
+                 ) -> None:
+        from fedgma.aggregation import GMAOptions
+
+        check_secure_supported(config)
+        server = config.server
+        gma_options = (GMAOptions(**dict(server.aggregator.options)) if server.aggregator.name == "gma"
+                       else GMAOptions(threshold=0.0))
+        super().__init__(
+            threshold=gma_options.threshold, hard=gma_options.hard, weighted_agreement=gma_options.weighted_agreement,
+            optimizer=server.optimizer.name, optimizer_options=dict(server.optimizer.options),
+            update_bound=float(settings.update_bound), max_examples=max_examples,
+            max_clients=server.clients_per_round, fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters(params_to_arrays(model, model.params)),
+        )
+        self.config = config
+        self.config_toml = config_to_toml(config)
+        self.node_of_client = dict(node_of_client)
+        self.client_of_node = {node: client for client, node in self.node_of_client.items()}
+        self.after_round = evaluate_fn
+        self.sampled: list[int] = []
+        self.sent: list[int] = []
+        self.unreachable: list[int] = []
+
+    def sample_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[Any, Any]]:
+        config = self.config
+        self.sampled = sample_clients(config.seed, server_round, config.data.num_clients,
+                                      config.server.clients_per_round)
+        proxies = {int(proxy.node_id): proxy for proxy in client_manager.all().values()}
+        pairs, self.sent, self.unreachable = [], [], []
+        for client_id in self.sampled:
+            proxy = proxies.get(self.node_of_client[client_id])
+            if proxy is None:
+                log(WARNING, "round %d: client %d (node %d) is no longer connected; skipped",
+                    server_round, client_id, self.node_of_client[client_id])
+                self.unreachable.append(client_id)
+                continue
+            fit_config = {EXPERIMENT_KEY: self.config_toml, "server-round": server_round, "client-id": client_id}
+            pairs.append((proxy, FitIns(parameters, fit_config)))
+            self.sent.append(client_id)
+        log(INFO, "configure_fit (secure): round %d, clients %s", server_round, self.sampled)
+        return pairs
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[Any]
+                      ) -> tuple[Parameters | None, dict[str, Any]]:
+        """SecureGMA's, skipped (model unchanged) below ``server.min_clients`` clients in the secure sum."""
+        aggregated = sorted(self.client_of_node.get(int(proxy.node_id), -1) for proxy, _ in results)
+        if len(results) < self.config.server.min_clients:
+            log(WARNING, "round %d: %d clients in the secure sum < server.min_clients = %d; round skipped",
+                server_round, len(results), self.config.server.min_clients)
+            self.last_round = {"round": server_round, "num_clients": len(results), "aggregated": aggregated}
+            return None, {}
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        self.last_round.update(aggregated=aggregated, committed=parameters is not None)
+        return parameters, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Any]] | None:
+        """Not an evaluation of its own: hands the round's model to ``evaluate_fn`` (the run's bookkeeping)."""
+        if self.after_round is not None:
+            self.after_round(server_round, parameters_to_ndarrays(parameters))
+        return None
+
+    def round_stats(self, server_round: int) -> dict[str, Any] | None:
+        """What the run folder logs of a committed round (None if the round was skipped or halted)."""
+        last = self.last_round
+        if last.get("round") != server_round or not last.get("committed"):
+            return None
+        agreement, mask = last["agreement"], last["mask"]
+        sums = last["sums"]
+        return {
+            "mask_density": float(mask.float().mean()),
+            "mask_pass_fraction": float(torch.count_nonzero(agreement >= self.threshold)) / max(agreement.numel(), 1),
+            "agreement_mean": float(agreement.float().mean()),
+            "secure_num_clients": int(last["num_clients"]),
+            "secure_num_dropped": int(last["num_dropped"]),
+            "secure_total_examples": int(sums["total_examples"]),
+            "secure_clipped_fraction": float(sums["clipped_fraction"]),
+        }
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout: float = 120.0, pull_interval: float = 0.1
+                     ) -> dict[int, int]:
+    """Which node holds which client: wait for ``num_clients`` nodes, then ask each (a Flower "query"
+    message, answered by this module's ClientApp with its ``partition-id``); ``{client id: node id}``.
+
+    Raises:
+        TimeoutError: fewer than ``num_clients`` nodes connected within ``timeout`` seconds.
+        ValueError: two nodes hold the same client, or no node holds some client.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {num_clients} SuperNodes connected in {timeout} s")
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in nodes
+    ]
+    replies = StreamingGrid(grid, pull_interval).send_and_receive(messages, timeout=timeout)
+    mapping: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            log(WARNING, "node %s did not say which client it is: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        client_id = int(reply.content["metrics"][PARTITION_KEY])
+        if client_id in mapping:
+            raise ValueError(f"nodes {mapping[client_id]} and {reply.metadata.src_node_id} both hold client "
+                             f"{client_id}")
+        mapping[client_id] = int(reply.metadata.src_node_id)
+    missing = sorted(set(range(num_clients)) - set(mapping))
+    if missing:
+        raise ValueError(f"no connected SuperNode holds client(s) {missing[:10]} "
+                         f"(partition-id in 0..{num_clients - 1})")
+    log(INFO, "fedgma: %d clients mapped to SuperNodes", len(mapping))
+    return mapping
+
+
 def _number(metrics: MetricRecord, key: str) -> float:
     value = metrics.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -490,7 +739,7 @@ def _integer(metrics: MetricRecord, key: str) -> int:
 
 def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool = False,
           round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True,
-          **strategy_options: Any) -> dict[str, Any]:
+          secure: SecureSettings | None = None, **strategy_options: Any) -> dict[str, Any]:
     """The ServerApp's work: run ``config`` on the nodes of ``grid``; write the run folder; return the summary.
 
     The run folder has the files :func:`fedgma.simulation.run` writes (``config.toml``,
@@ -502,12 +751,27 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     caller already holds it, as :func:`run_flower` does), and a folder holding a finished run of
     another config is refused (:class:`~fedgma.checkpoint.RunFolderError`) unless ``overwrite``.
     ``strategy_options`` go to :class:`FedGMA` (e.g. ``pull_interval``).
+
+    With ``secure`` (the app's ``secure-aggregation = true``), the rounds run under Flower's SecAgg+
+    (:class:`SecureFedGMA` in Flower's legacy workflow, :func:`fedgma.flower.secure.run_secure`; the
+    ClientApp's mod :func:`fedgma.flower.secure.fedgma_secaggplus_mod` encodes each update): the same
+    client sampling, aggregator (gma or mean) and server optimizer, on sums only. ``round_timeout``
+    bounds each SecAgg+ stage; ``strategy_options`` then only give ``pull_interval`` and
+    ``connect_timeout`` to :func:`discover_clients`. The clients send no train loss or step count in
+    clear, so ``rounds.jsonl`` and ``metrics.jsonl`` have none (``total_local_steps`` is null in the
+    summary); the rounds log ``secure_aggregation: true`` and the secure sum's ``secure_num_clients``,
+    ``secure_num_dropped``, ``secure_total_examples`` and ``secure_clipped_fraction``; the summary
+    has the ``secure_aggregation`` settings.
+
+    Raises:
+        ConfigError: a config the Flower engine (:func:`check_supported`) or, with ``secure``, secure
+        aggregation (:func:`check_secure_supported`) cannot run.
     """
     out = Path(run_dir) if run_dir else None
     if out is None or not lock:
-        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options)
+        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
     with lock_folder(out, "run"):
-        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options)
+        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
 
 
 def _start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
@@ -520,10 +784,12 @@ def _start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
 
 
 def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_timeout: float,
-           overwrite: bool, strategy_options: dict[str, Any]) -> dict[str, Any]:
+           overwrite: bool, strategy_options: dict[str, Any], secure: SecureSettings | None = None) -> dict[str, Any]:
     from fedgma import simulation
 
     check_supported(config)
+    if secure is not None:
+        check_secure_supported(config)
     start_time = time.perf_counter()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -535,7 +801,6 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
     model = build_flat_model(config, data)
     params = model.params.clone()
     initial = simulation.evaluate_all(model, params, data)
-    strategy = FedGMA(config, model, **strategy_options)
     history: list[dict[str, Any]] = []
     state = {"total_steps": 0, "round_start": time.perf_counter()}
     logs = {}
@@ -547,6 +812,27 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
     def write(name: str, record: dict[str, Any]) -> None:
         if name in logs:
             logs[name].write(json.dumps(record) + "\n")
+
+    def log_round(server_round: int, round_record: dict[str, Any], stats: dict[str, Any],
+                  current: Callable[[], Tensor]) -> MetricRecord | None:
+        """Write the round's record; evaluate the model ``current()`` if due and write that too."""
+        write("rounds", round_record)
+        state["round_start"] = time.perf_counter()
+        if server_round % config.eval_every and server_round != config.rounds:
+            bar.update(server_round)
+            return None
+        now = current()
+        record = {"round": server_round, **simulation.evaluate_all(model, now, data)}
+        if "train_loss" in round_record:  # not sent in clear under secure aggregation
+            record.update(train_loss=round_record["train_loss"], total_local_steps=state["total_steps"])
+        record.update({k: v for k, v in stats.items() if isinstance(v, float)})
+        record["elapsed_s"] = time.perf_counter() - start_time
+        write("metrics", record)
+        history.append(record)
+        bar.update(server_round, record)
+        if server_round == config.rounds:
+            state["final"] = now
+        return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float)) and "/" not in k})
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -578,37 +864,61 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
                if last.get("lost") else {}),
             "round_s": time.perf_counter() - state["round_start"],
         }
-        write("rounds", round_record)
-        state["round_start"] = time.perf_counter()
-        if server_round % config.eval_every and server_round != config.rounds:
-            bar.update(server_round)
-            return None
-        current = record_to_params(arrays, model)
-        record = {
-            "round": server_round,
-            **simulation.evaluate_all(model, current, data),
-            "train_loss": round_record["train_loss"],
-            "total_local_steps": state["total_steps"],
-            **{k: v for k, v in stats.items() if isinstance(v, float)},
-            "elapsed_s": time.perf_counter() - start_time,
-        }
-        write("metrics", record)
-        history.append(record)
-        bar.update(server_round, record)
-        if server_round == config.rounds:
-            state["final"] = current
-        return MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float)) and "/" not in k})
+        return log_round(server_round, round_record, stats, lambda: record_to_params(arrays, model))
 
+    def after_secure_round(server_round: int, arrays: list[np.ndarray]) -> None:
+        if server_round == 0:
+            return
+        stats = strategy.round_stats(server_round)
+        last = strategy.last_round if strategy.last_round.get("round") == server_round else {}
+        summed = list(last.get("aggregated", []))
+        lost = [client for client in strategy.sent if client not in summed]  # dropped out of the protocol
+        round_record = {
+            "round": server_round,
+            "clients": strategy.sampled,
+            # the clients whose vectors are in the secure sum (none when the round was skipped: fewer than
+            # server.min_clients in the sum, SecAgg+ halted for too many dropouts, or a non-finite step)
+            "aggregated": summed if stats is not None else [],
+            "update_norm": float(last["aggregate"].norm()) if stats is not None else 0.0,
+            **({} if stats is not None else {"skipped": True}),
+            "secure_aggregation": True,
+            **(stats or {}),
+            **({"unreachable": list(strategy.unreachable)} if strategy.unreachable else {}),
+            **({"lost": {str(client): "not in the secure sum (dropped out of SecAgg+)" for client in lost}}
+               if lost else {}),
+            "round_s": time.perf_counter() - state["round_start"],
+        }
+        log_round(server_round, round_record, stats or {}, lambda: arrays_to_params(arrays, model))
+
+    strategy: Any
     try:
-        strategy.start(grid, params_to_record(model, params), num_rounds=config.rounds, timeout=round_timeout,
-                       train_config=ConfigRecord(), evaluate_fn=after_round)
+        if secure is None:
+            strategy = FedGMA(config, model, **strategy_options)
+            strategy.start(grid, params_to_record(model, params), num_rounds=config.rounds, timeout=round_timeout,
+                           train_config=ConfigRecord(), evaluate_fn=after_round)
+        else:
+            node_of_client = discover_clients(grid, config.data.num_clients,
+                                              float(strategy_options.get("connect_timeout", 120.0)),
+                                              float(strategy_options.get("pull_interval", 0.1)))
+            strategy = SecureFedGMA(config, model, node_of_client, max(len(c) for c in data.clients), secure,
+                                    evaluate_fn=after_secure_round)
+            # a Context of its own: the legacy workflow keeps its state there (not in the ServerApp's)
+            legacy = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+            run_secure(grid, legacy, strategy, config.rounds, num_shares=secure.num_shares,
+                       reconstruction_threshold=secure.reconstruction_threshold, timeout=round_timeout)
     finally:
         bar.close()
         for handle in logs.values():
             handle.close()
+    if not history:
+        raise RuntimeError("the run ended without an evaluation of its last round")
     summary = simulation.summarize(config, history, state["total_steps"], time.perf_counter() - start_time)
     summary["initial"] = initial
     summary["engine"] = "flower"
+    if secure is not None:
+        summary["total_local_steps"] = None  # the clients do not send their step counts in clear
+        summary["secure_aggregation"] = {"update_bound": secure.update_bound, "num_shares": secure.num_shares,
+                                         "reconstruction_threshold": secure.reconstruction_threshold}
     if out is not None:
         model_bytes = io.BytesIO()
         torch.save({"round": config.rounds, "params": state.get("final", params).cpu()}, model_bytes)
@@ -618,13 +928,14 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
 
 
 def make_server_app(config: Config, run_dir: str | Path | None, progress: bool = False,
-                    round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True) -> ServerApp:
+                    round_timeout: float = 600.0, overwrite: bool = False, lock: bool = True,
+                    secure: SecureSettings | None = None) -> ServerApp:
     """A ServerApp that runs ``config`` (:func:`serve`), for running in this process (tests)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, config, run_dir, progress, round_timeout, overwrite, lock)
+        serve(grid, config, run_dir, progress, round_timeout, overwrite, lock, secure)
 
     return app
 
@@ -634,11 +945,15 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    """``flwr run``: the experiment is the app's run config ([tool.flwr.app.config], --run-config)."""
+    """``flwr run``: the experiment is the app's run config ([tool.flwr.app.config], --run-config);
+    ``secure-aggregation = true`` runs it under Flower's SecAgg+ (:func:`serve`)."""
     config, own = config_from_run_config(dict(context.run_config))
+    secure = secure_settings(own)
+    options = {"pull_interval": float(own["pull-interval"])}
+    if secure is None:
+        options["max_pull_interval"] = float(own["max-pull-interval"])
     serve(grid, config, own["run-dir"] or None, False, float(own["round-timeout"]), bool(own["overwrite"]),
-          not own["run-dir-locked"], pull_interval=float(own["pull-interval"]),
-          max_pull_interval=float(own["max-pull-interval"]))
+          not own["run-dir-locked"], secure, **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,9 +967,15 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def flower_app_files(config: Config, run_dir: Path, round_timeout: float = 600.0) -> dict[str, str]:
+def flower_app_files(config: Config, run_dir: Path, round_timeout: float = 600.0,
+                     secure: SecureSettings | None = None) -> dict[str, str]:
     """The files of a one-run Flower app (its ``pyproject.toml``): fedgma's ServerApp and ClientApp, and
-    the experiment as the app's run config (the resolved config as TOML under ``fedgma-config``)."""
+    the experiment as the app's run config (the resolved config as TOML under ``fedgma-config``; with
+    ``secure``, ``secure-aggregation = true`` and its settings)."""
+    secure_keys = {} if secure is None else {
+        "secure-aggregation": True, "secure-update-bound": float(secure.update_bound),
+        "secure-num-shares": secure.num_shares, "secure-reconstruction-threshold": secure.reconstruction_threshold,
+    }
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "fedgma-run", "version": "1.0.0", "description": "one fedgma run on Flower",
@@ -666,7 +987,7 @@ def flower_app_files(config: Config, run_dir: Path, round_timeout: float = 600.0
                        "overwrite": True, "run-dir-locked": True, EXPERIMENT_KEY: config_to_toml(config),
                        # on the simulation runtime a pull of replies is an in-memory call: pull often, so
                        # that a round ends within 10 ms of its last reply (not up to 2 s later, the backoff)
-                       "pull-interval": 0.005, "max-pull-interval": 0.01},
+                       "pull-interval": 0.005, "max-pull-interval": 0.01, **secure_keys},
         }}},
     }
     return {"pyproject.toml": tomli_w.dumps(project)}
@@ -767,7 +1088,7 @@ def _follow_progress(run_dir: Path, bar: Any, done: threading.Event) -> None:
 
 def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_cpus: int | None = None,
                client_cpus: float = 1.0, verbose: bool | None = None, overwrite: bool = False,
-               round_timeout: float = 600.0) -> dict[str, Any]:
+               round_timeout: float = 600.0, secure: bool | SecureSettings = False) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation runtime (Ray), one virtual SuperNode per client; return the summary.
 
     The way flwr 1.41 asks for (its Python ``run_simulation`` is deprecated in favour of ``flwr run``):
@@ -781,12 +1102,17 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
 
     ``num_cpus`` caps the CPUs Ray may use (default: all), ``client_cpus`` (whole CPUs) is what one
     ClientApp reserves. Flower's output is shown only if ``verbose`` (default: ``FEDGMA_VERBOSE=1``).
+    ``secure`` (True: :class:`SecureSettings`' defaults) runs the rounds under Flower's SecAgg+ (the
+    app's ``secure-aggregation = true``, :func:`serve`).
 
     Raises:
         ConfigError: a setting the Flower engine does not run. FolderInUseError, RunFolderError: see above.
         RuntimeError: the run ended without a summary (with the end of Flower's log).
     """
     check_supported(config)
+    settings = SecureSettings() if secure is True else (secure or None)
+    if settings is not None:
+        check_secure_supported(config)
     if client_cpus != int(client_cpus) or client_cpus < 1:
         raise ConfigError(f"client_cpus must be a whole number of CPUs ≥ 1 on Flower's simulation runtime, "
                           f"got {client_cpus}")
@@ -807,7 +1133,7 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
             root = Path(tmp)
             app = root / "app"
             app.mkdir()
-            for name, text in flower_app_files(config, run_dir, round_timeout).items():
+            for name, text in flower_app_files(config, run_dir, round_timeout, settings).items():
                 (app / name).write_text(text)
             superlink = LocalSuperLink(root)
             bar = ProgressBar(config.rounds, progress)

@@ -16,6 +16,9 @@ SecAgg+ the server learns those sums and no single client's update. Three pieces
 * the workflow: :func:`secure_workflow` (Flower's ``DefaultWorkflow`` with ``SecAggPlusWorkflow`` set
   up for this encoding) and :func:`run_secure` to run it from a ``ServerApp``'s main.
 
+fedgma's own Flower app (:mod:`fedgma.flower.app`) puts the three together behind one run-config key,
+``secure-aggregation = true`` (``examples/flower-app/secure``).
+
 The encoding ("weight 1" arrangement). Flower's SecAgg+ returns Σ w_k x_k / Σ w_k with w_k the
 reported ``num_examples`` quantized against ``max_weight``. The mod reports w_k = 1 and the workflow
 runs with ``max_weight = 1``, so every client's weight is exactly 1 and the sample weighting is done
@@ -187,11 +190,14 @@ def encode_update(global_arrays: list[np.ndarray], local_arrays: list[np.ndarray
     return updates + signs + [extra]
 
 
+def _secagg_message(msg: Message) -> bool:
+    """A train message of the SecAgg+ protocol (it carries SecAgg+'s ConfigRecord)."""
+    return msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
 def _collect_stage(msg: Message) -> bool:
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return False
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    return configs is not None and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+    return _secagg_message(msg) and msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == \
+        Stage.COLLECT_MASKED_VECTORS
 
 
 def fedgma_secaggplus_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -202,11 +208,16 @@ def fedgma_secaggplus_mod(msg: Message, ctxt: Context, call_next: Callable[[Mess
     masked-vector stage the mod reads the global model from the incoming ``FitIns`` and the settings
     :class:`SecureGMA` put in its config (``BOUND_KEY``, ``WEIGHT_SCALE_KEY``, ``WEIGHTED_KEY``),
     replaces the reply's parameters by :func:`encode_update`'s arrays and its ``num_examples`` by 1,
-    and lets Flower's mod quantize and mask them. Every other message passes to ``secaggplus_mod``
-    unchanged. A reply it cannot encode (wrong shapes, non-float arrays, n_k > W, missing settings)
-    raises ValueError/TypeError/KeyError, which Flower turns into an error reply: the server counts the
-    client as dropped.
+    and lets Flower's mod quantize and mask them. SecAgg+'s other stages go to ``secaggplus_mod``
+    unchanged, and every message that is not SecAgg+'s (no SecAgg+ ConfigRecord: a plaintext train
+    message, an evaluate or query message) goes straight to ``call_next``, untouched, so a ClientApp
+    can carry the mod always and still answer plaintext rounds bit for bit as without it (Flower's
+    ``secaggplus_mod`` would raise KeyError on a plaintext train message). A reply it cannot encode
+    (wrong shapes, non-float arrays, n_k > W, missing settings) raises ValueError/TypeError/KeyError,
+    which Flower turns into an error reply: the server counts the client as dropped.
     """
+    if not _secagg_message(msg):
+        return call_next(msg, ctxt)
     if not _collect_stage(msg):
         return secaggplus_mod(msg, ctxt, call_next)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
@@ -322,14 +333,15 @@ class SecureGMA(LegacyFedAvg):
                 f"weight_scale={self.weight_scale}, Q={self.quantization_range})")
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[Any, Any]]:
-        """FedAvg's sampling; each FitIns config gets B, W and the agreement kind for the client mod.
+        """:meth:`sample_fit` (FedAvg's sampling by default); each FitIns config gets B, W and the agreement
+        kind for the client mod.
 
         Raises:
             ValueError: more clients sampled than ``max_clients``.
         """
         self._global = parameters_to_ndarrays(parameters)
         _float_arrays(self._global, "the global model")
-        pairs = super().configure_fit(server_round, parameters, client_manager)
+        pairs = self.sample_fit(server_round, parameters, client_manager)
         if len(pairs) > self.max_clients:
             raise ValueError(f"round {server_round} samples {len(pairs)} clients > max_clients={self.max_clients}")
         self._sampled = len(pairs)
@@ -337,6 +349,13 @@ class SecureGMA(LegacyFedAvg):
             fitins.config = {**fitins.config, BOUND_KEY: self.update_bound, WEIGHT_SCALE_KEY: self.weight_scale,
                              WEIGHTED_KEY: self.weighted_agreement}
         return pairs
+
+    def sample_fit(self, server_round: int, parameters: Parameters, client_manager: Any
+                   ) -> list[tuple[Any, Any]]:
+        """The round's clients and their ``FitIns`` (``ClientProxy``, ``FitIns``): legacy FedAvg's
+        ``configure_fit`` (random sampling, ``on_fit_config_fn``). Override it to choose the clients;
+        :meth:`configure_fit` then adds the secure settings to every ``FitIns`` config."""
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[Any, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
