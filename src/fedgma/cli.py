@@ -6,9 +6,10 @@ A user error (bad config, missing data, bad input) prints one line and exits wit
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,46 +179,128 @@ def _run_config(run_dir: Path) -> Any:
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...", help="Values to sweep (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
-@click.option("--seeds", default=1, show_default=True, help="Seeds per point (config seed, seed+1, ...).")
+@click.option("--seeds", default=1, show_default=True, help="Seeds per point (config seed, seed+1, ...); with "
+              "--tune-server-lr the evaluation seeds (the protocol: ≥ 5).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Runs in parallel processes.")
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep folder (default: runs/<config name>).")
 @click.option("--server-lr-from", "tuning_dir", type=click.Path(file_okay=False, exists=True),
-              help="Tuning sweep folder: use, per algorithm × aggregator, the server lr with the best "
-                   "final validation accuracy there.")
+              help="Tuning sweep folder: use, per algorithm × aggregator, the server lr with the best validation "
+                   "accuracy there, averaged over the last 20% of rounds and over its seeds.")
+@click.option("--tune-server-lr", "start_grid", is_flag=False, flag_value="auto", default=None,
+              metavar="[LR,LR,...]",
+              help="Tune server.optimizer.lr per grid point on --tuning-seeds (validation accuracy, last 20% of "
+                   "rounds, mean over seeds), from these lrs (default: the point's lr × 0.5, 1, 2), widened ×2 "
+                   "while the pick is on an edge; then run the --seeds at the chosen lr. Put it after CONFIG.")
+@click.option("--tuning-seeds", metavar="S1,S2,...", help="With --tune-server-lr: the tuning seeds (≥ 2, none "
+              "of them an evaluation seed), e.g. 100,101.")
 @_user_errors
 def sweep(config_path: str, grids: tuple[str, ...], overrides: tuple[str, ...], seeds: int, jobs: int,
-          out: str | None, tuning_dir: str | None) -> None:
+          out: str | None, tuning_dir: str | None, start_grid: str | None = None,
+          tuning_seeds: str | None = None) -> None:
     """Run the Cartesian product of --grid values × seeds; finished runs are skipped.
 
     A run that diverges is recorded (diverged.json) and counts as finished; a run that fails
     otherwise leaves error.txt, the others go on, and the command exits with code 1.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedgma.report import find_runs, select_server_lr
-    from fedgma.sweep import SweepError, parse_grid, plan_sweep, run_sweep
+    With --tune-server-lr, each point's runs go to OUT/<point>/tuning and OUT/<point>/evaluation, and the
+    chosen lrs (with every lr's score) to OUT/lr_choices.json; report the comparison with
+    fedgma report OUT/*/evaluation.
+    """
+    from fedgma.config import ConfigError
+    from fedgma.report import find_runs
+    from fedgma.sweep import SweepError, parse_grid, plan_sweep, run_sweep, tuned_server_lrs
 
     out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
+    grid = [parse_grid(g) for g in grids]
+    if start_grid is not None:
+        if tuning_dir:
+            raise ConfigError("--tune-server-lr and --server-lr-from both choose the server lr; give one")
+        _tuned_sweep(config_path, grid, overrides, seeds, jobs, out_dir, start_grid, tuning_seeds)
+        return
+    if tuning_seeds is not None:
+        raise ConfigError("--tuning-seeds needs --tune-server-lr")
     server_lr = None
     if tuning_dir:
-        server_lr = {pair: choice["lr"] for pair, choice in select_server_lr(tuning_dir).items()}
-    plan = plan_sweep(config_path, [parse_grid(g) for g in grids], seeds, out_dir, overrides, server_lr)
+        choices = tuned_server_lrs(tuning_dir)
+        for (algorithm, aggregator), choice in choices.items():
+            edge = f" (the {choice.edge}est lr tried: widen the grid)" if choice.edge else ""
+            click.echo(f"server lr for {algorithm}+{aggregator}: {choice.lr:g}{edge}")
+        server_lr = {pair: choice.lr for pair, choice in choices.items()}
+    plan = plan_sweep(config_path, grid, seeds, out_dir, overrides, server_lr)
     skipped = sum(r.finished for r in plan)
     click.echo(f"sweep: {_plural(len(plan), 'run')} in {out_dir} ({skipped} already finished)")
     failed = None
-    with Progress(TextColumn("sweep"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[last]}")) as progress:
-        task = progress.add_task("runs", total=len(plan), last="")
-
-        def done(run: Any, summary: dict[str, Any] | None) -> None:
-            last = "" if summary is None else f"{run.run_dir.name}: {summary['final']['test_accuracy']:.4f}"
-            progress.update(task, advance=1, last=last)
-
+    with _sweep_progress(len(plan)) as (_, done):
         try:
             run_sweep(plan, jobs=jobs, on_done=done)
         except SweepError as error:
             failed = error
     _print_table(find_runs(out_dir), out_dir)
+    if failed is not None:
+        click.echo(f"sweep: {failed}", err=True)
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def _sweep_progress(total: int) -> Iterator[tuple[Callable[[list[Any]], None], Callable[..., None]]]:
+    """A progress bar of sweep runs: ``(add(runs), done(run, summary))``, to grow the total and advance."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("sweep"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[last]}")) as progress:
+        task = progress.add_task("runs", total=total, last="")
+
+        def add(runs: list[Any]) -> None:
+            progress.update(task, total=(progress.tasks[0].total or 0) + len(runs))
+
+        def done(run: Any, summary: dict[str, Any] | None) -> None:
+            last = "" if summary is None else f"{run.run_dir.name}: {summary['final']['test_accuracy']:.4f}"
+            progress.update(task, advance=1, last=last)
+
+        yield add, done
+
+
+def _tuned_sweep(config_path: str, grid: list[Any], overrides: tuple[str, ...], seeds: int, jobs: int,
+                 out_dir: Path, start_grid: str, tuning_seeds: str | None) -> None:
+    """``fedgma sweep --tune-server-lr``: :func:`fedgma.sweep.tune_and_evaluate`, with its choices printed."""
+    from fedgma.config import ConfigError
+    from fedgma.report import find_runs
+    from fedgma.sweep import EVALUATION, LR_CHOICES, MIN_EVALUATION_SEEDS, SweepError, tune_and_evaluate
+
+    if tuning_seeds is None:
+        raise ConfigError("--tune-server-lr needs --tuning-seeds (at least 2, none of them an evaluation seed), "
+                          "e.g. --tuning-seeds 100,101")
+    try:
+        tuning = [int(s) for s in tuning_seeds.split(",") if s.strip()]
+        lrs = None if start_grid == "auto" else [float(v) for v in start_grid.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--tuning-seeds takes integers (e.g. 100,101), --tune-server-lr numbers (e.g. 0.5,1,2); "
+                          f"got {tuning_seeds!r}, {start_grid!r}") from None
+    if seeds < MIN_EVALUATION_SEEDS:
+        click.echo(f"warning: {_plural(seeds, 'evaluation seed')} (--seeds): the comparison is below the "
+                   f"protocol's {MIN_EVALUATION_SEEDS} seeds", err=True)
+
+    def tuned(points: list[Any]) -> None:
+        for point in points:
+            scores = ", ".join(f"{lr:g}: {100 * score:.2f}" for lr, score in sorted(point.scores.items()))
+            edge = "" if point.edge is None else (
+                f"; the {point.edge}est lr tried, at the cap" if point.capped else
+                f"; still the {point.edge}est lr tried after the allowed widenings")
+            click.echo(f"{point.name}: server lr {point.lr:g} (validation % {scores}{edge})")
+        click.echo(f"lr choices saved to {out_dir / LR_CHOICES}")
+
+    click.echo(f"sweep: tuning the server lr on seeds {', '.join(map(str, tuning))}, then "
+               f"{_plural(seeds, 'evaluation seed')} per point, in {out_dir}")
+    failed = None
+    with _sweep_progress(0) as (add, done):
+        try:
+            points = tune_and_evaluate(config_path, grid, out_dir, tuning, seeds, overrides, lrs, jobs,
+                                       on_plan=add, on_done=done, on_tuned=tuned)
+        except SweepError as error:
+            failed, points = error, []
+    evaluated = sorted(out_dir.glob(f"*/{EVALUATION}")) if not points else [p.folder / EVALUATION for p in points]
+    _print_table([run for folder in evaluated for run in find_runs(folder)], out_dir,
+                 f"{out_dir}/*/{EVALUATION}")
     if failed is not None:
         click.echo(f"sweep: {failed}", err=True)
         sys.exit(1)
@@ -300,9 +383,10 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun if count == 1 else noun + 's'}"
 
 
-def _print_table(runs: list[Any], out_dir: Path) -> None:
+def _print_table(runs: list[Any], out_dir: Path, report_dirs: str | None = None) -> None:
     """The sweep's table (one row per configuration, a column per swept key; accuracies in %), printed and
-    saved to ``out_dir/sweep.md``, then the ``fedgma report`` command for the full report."""
+    saved to ``out_dir/sweep.md``, then the ``fedgma report`` command (on ``report_dirs``, default ``out_dir``)
+    for the full report."""
     from rich.console import Console
     from rich.table import Table
 
@@ -330,7 +414,7 @@ def _print_table(runs: list[Any], out_dir: Path) -> None:
              *["| " + " | ".join(row) + " |" for row in body]]
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     click.echo(f"table saved to {out_dir / 'sweep.md'}; full report (tables, plots, report.html): "
-               f"fedgma report {out_dir}")
+               f"fedgma report {report_dirs or out_dir}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -6,6 +6,12 @@ unfinished ones from their newest good checkpoint (rebuilding damaged final file
 an unfinished run of another config starts over. The sweep folder is locked while a sweep runs
 (a second sweep on the same ``--out`` is refused), and ``--jobs`` worker processes die with the
 sweep (a parent-death signal on Linux, a watchdog thread elsewhere).
+
+The evaluation protocol of issue 15 (:func:`tune_and_evaluate`, ``fedgma sweep --tune-server-lr``): for
+every point of the grid, the server lr is tuned on at least two tuning seeds, on a log2 grid widened while
+the pick lies on an edge, by validation accuracy averaged over the last 20% of rounds and over the tuning
+seeds; then the evaluation seeds (disjoint from the tuning seeds) run at the chosen lr. Layout under the
+sweep folder: ``<point>/tuning/lr=<lr>_seed<s>``, ``<point>/evaluation/seed<s>`` and ``lr_choices.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedgma.checkpoint import (
     atomic_write,
@@ -35,9 +41,13 @@ from fedgma.checkpoint import (
 )
 from fedgma.config import Config, ConfigError, load_config, parse_value
 
+if TYPE_CHECKING:
+    from fedgma.report.protocol import LrChoice
+
 __all__ = [
-    "DIVERGED", "FAILED", "LR_CAP", "SweepError", "SweepRun", "expand_grid", "log2_grid", "parse_grid", "plan_sweep",
-    "run_sweep", "tune_lr", "widen_lr_grid",
+    "DIVERGED", "EVALUATION", "FAILED", "LR_CAP", "LR_CHOICES", "MIN_EVALUATION_SEEDS", "TUNING", "SweepError",
+    "SweepRun", "TunedPoint", "expand_grid", "log2_grid", "parse_grid", "plan_sweep", "run_sweep", "tune_and_evaluate",
+    "tune_lr", "tuned_server_lrs", "widen_lr_grid",
 ]
 
 
@@ -170,8 +180,8 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
-def _folder_name(overrides: Sequence[str], seed: int) -> str:
-    """``key=value`` parts joined by ``_``; a key is shortened to its last component unless two keys would clash
+def _name_parts(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` parts; a key is shortened to its last component unless two keys would clash
     (``server.lr`` and ``client.lr`` stay in full)."""
     keys = [item.split("=", 1)[0] for item in overrides]
     short = [key.split(".")[-1] for key in keys]
@@ -180,8 +190,17 @@ def _folder_name(overrides: Sequence[str], seed: int) -> str:
         value = item.split("=", 1)[1]
         shown = name if short.count(name) == 1 else key
         parts.append(f"{shown}={value.strip(chr(34))}")
-    name = "_".join([*parts, f"seed{seed}"])
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", name)
+    return parts
+
+
+def _folder_name(overrides: Sequence[str], seed: int) -> str:
+    """``key=value`` parts (:func:`_name_parts`) and ``seed<N>`` joined by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join([*_name_parts(overrides), f"seed{seed}"]))
+
+
+def _point_name(overrides: Sequence[str]) -> str:
+    """A grid point's folder name: its ``key=value`` parts joined by ``_``, or ``base`` for an empty grid."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(_name_parts(overrides))) or "base"
 
 
 def plan_sweep(
@@ -195,7 +214,7 @@ def plan_sweep(
     """Resolve every run of the sweep (validating each config before anything runs).
 
     ``server_lr`` maps (algorithm, aggregator) to the server learning rate to use, e.g. the one
-    :func:`fedgma.report.select_server_lr` chose on a tuning sweep's validation split; a run whose pair
+    :func:`tuned_server_lrs` chose on a tuning sweep's validation split; a run whose pair
     is missing from it is an error (the tuning did not cover it).
     """
     if seeds < 1:
@@ -359,3 +378,203 @@ def check_same_config(run: SweepRun) -> None:
 
 class SweepError(RuntimeError):
     """Some runs of a sweep failed; the message names their folders."""
+
+
+# The evaluation protocol (issue 15): tune the server lr per grid point on tuning seeds, evaluate on others.
+
+TUNING, EVALUATION, LR_CHOICES = "tuning", "evaluation", "lr_choices.json"
+MIN_EVALUATION_SEEDS = 5  # the protocol's evaluation seeds per reported comparison (fewer: a warning)
+_LR_KEYS = ("server.optimizer.lr", "server.lr")
+
+
+@dataclass(frozen=True)
+class TunedPoint:
+    """One grid point of :func:`tune_and_evaluate`: its ``overrides``, its ``folder`` (``<out>/<point>``), the
+    chosen server ``lr`` and every tried lr's ``scores`` (validation accuracy averaged over the last 20% of
+    rounds and over the tuning seeds; a diverged run scores 0). ``edge`` is "low" or "high" when the pick
+    is still the grid's smallest or largest lr: then ``capped`` says whether widening stopped at
+    :data:`LR_CAP` (true) or after the allowed number of widenings (false)."""
+
+    overrides: tuple[str, ...]
+    folder: Path
+    lr: float
+    scores: dict[float, float]
+    edge: str | None
+    capped: bool
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def record(self, tuning_seeds: Sequence[int], evaluation_seeds: Sequence[int]) -> dict[str, Any]:
+        """The point's entry of ``lr_choices.json``."""
+        return {"overrides": list(self.overrides), "lr": self.lr,
+                "scores": {repr(lr): score for lr, score in sorted(self.scores.items())},
+                "edge": self.edge, "on_cap": self.capped,
+                "metric": "validation_accuracy, mean over the last 20% of rounds and over the tuning seeds",
+                "tuning_seeds": list(tuning_seeds), "evaluation_seeds": list(evaluation_seeds)}
+
+
+def tune_and_evaluate(
+    config_path: str | Path | None,
+    grid: Sequence[tuple[str, list[Any]]],
+    out_dir: str | Path,
+    tuning_seeds: Sequence[int],
+    seeds: int,
+    base_overrides: Sequence[str] = (),
+    start_grid: Sequence[float] | None = None,
+    jobs: int = 1,
+    on_plan: Callable[[list[SweepRun]], None] | None = None,
+    on_done: Callable[[SweepRun, dict[str, Any] | None], None] | None = None,
+    on_tuned: Callable[[list[TunedPoint]], None] | None = None,
+    steps: int = 1,
+    cap: tuple[float, float] = LR_CAP,
+    max_widenings: int = 6,
+) -> list[TunedPoint]:
+    """The protocol as a sweep: per point of ``grid``, tune ``server.optimizer.lr``, then run the evaluation seeds.
+
+    For every point, the tuning runs (``<out>/<point>/tuning/lr=<lr>_seed<s>``, one per lr and tuning
+    seed) start from ``start_grid`` (default: the point's resolved server lr × {0.5, 1, 2}, a log2
+    grid) and the grid is widened by factors of 2 (:func:`widen_lr_grid`, within ``cap``, at most
+    ``max_widenings`` times) while the pick lies on an edge; lrs are scored by
+    :func:`fedgma.report.protocol.select_lr` (validation accuracy averaged over the last 20% of rounds
+    and over the tuning seeds). The ``seeds`` evaluation seeds (the config's seed, seed + 1, ...) then
+    run at the chosen lr in ``<out>/<point>/evaluation/seed<s>``, and ``<out>/lr_choices.json`` maps each
+    point to its choice (:meth:`TunedPoint.record`; entries of other points already there are kept).
+
+    All points advance together, so ``jobs`` processes share every stage's runs. Finished runs are
+    skipped and their scores read again from their metrics, so a rerun after an interruption replays
+    the same widenings at no cost and goes on where it stopped. ``on_plan(runs)`` is called before each
+    stage's runs, ``on_done`` as in :func:`run_sweep`, ``on_tuned(points)`` once the lrs are chosen.
+
+    Raises:
+        ConfigError: fewer than 2 tuning seeds, a tuning seed among the evaluation seeds, a point without a
+            validation split (``data.validation_fraction`` = 0), the server lr or the seed as a grid key, a
+            non-positive lr in ``start_grid``, or points sharing a folder.
+        SweepError: runs of a stage failed (after every run of that stage was tried).
+    """
+    from fedgma.checkpoint import read_jsonl
+    from fedgma.report.protocol import check_seeds, select_lr
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
+    out_dir = Path(out_dir)
+    tuning_seeds = [int(s) for s in tuning_seeds]
+    evaluation_seeds = [load_config(config_path, list(base_overrides)).seed + i for i in range(seeds)]
+    try:
+        check_seeds(tuning_seeds, evaluation_seeds, min_evaluation=1)
+    except ValueError as error:
+        raise ConfigError(f"--tuning-seeds: {error} (evaluation seeds: {evaluation_seeds})") from None
+    for key, _ in grid:
+        if key in _LR_KEYS or key == "seed":
+            raise ConfigError(f"--grid {key}: with --tune-server-lr the server lr is tuned and the seeds are "
+                              "--tuning-seeds and --seeds; drop this --grid")
+    if start_grid is not None:
+        start_grid = sorted({float(lr) for lr in start_grid})
+        if not start_grid or not all(0 < lr < math.inf for lr in start_grid):
+            raise ConfigError(f"--tune-server-lr: the start grid needs server lrs > 0, got {start_grid}")
+
+    points: list[tuple[tuple[str, ...], Path, list[float]]] = []
+    for combo in expand_grid(grid) or [()]:
+        config = load_config(config_path, [*base_overrides, *combo])
+        if not config.data.validation_fraction > 0:
+            where = f" (grid point {' '.join(combo)})" if combo else ""
+            raise ConfigError(f"--tune-server-lr chooses the server lr on validation accuracy, but "
+                              f"data.validation_fraction = 0{where}; set it, e.g. --set data.validation_fraction=0.1")
+        lrs = list(start_grid) if start_grid is not None else log2_grid(config.server.optimizer.lr, 1, 1)
+        points.append((tuple(combo), out_dir / _point_name(combo), lrs))
+    if len({folder for _, folder, _ in points}) != len(points):
+        raise ConfigError("two points of the sweep would share a folder; give each --grid key distinct values")
+
+    def tuning_plan(combo: tuple[str, ...], folder: Path, lrs: list[float]) -> list[SweepRun]:
+        return [run for seed in tuning_seeds
+                for run in plan_sweep(config_path, [("server.optimizer.lr", lrs)], 1, folder / TUNING,
+                                      [*base_overrides, *combo, f"seed={seed}"])]
+
+    with lock_folder(out_dir, "sweep"):
+        runs: dict[int, dict[float, dict[int, Any]]] = {i: {} for i in range(len(points))}
+        choices: dict[int, LrChoice] = {}
+        pending = {i: lrs for i, (_, _, lrs) in enumerate(points)}
+        widenings = 0
+        while pending:
+            plans = {i: tuning_plan(*points[i][:2], lrs) for i, lrs in pending.items()}
+            stage = [run for plan in plans.values() for run in plan]
+            if on_plan:
+                on_plan(stage)
+            run_sweep(stage, jobs, on_done)
+            for i, plan in plans.items():
+                for run in plan:
+                    lr, seed = float(run.config.server.optimizer.lr), run.config.seed
+                    diverged = (run.run_dir / DIVERGED).is_file()
+                    runs[i].setdefault(lr, {})[seed] = None if diverged else read_jsonl(run.run_dir / "metrics.jsonl")
+                try:
+                    choices[i] = select_lr(runs[i], min_seeds=len(tuning_seeds))
+                except ValueError as error:
+                    raise ConfigError(f"{points[i][1] / TUNING}: {error}") from None
+            widenings += 1
+            pending = {}
+            if widenings <= max_widenings:
+                for i, choice in choices.items():
+                    extra = widen_lr_grid(choice.scores, steps, cap, best=choice.lr)
+                    if extra:
+                        pending[i] = extra
+        tuned = []
+        for i, (combo, folder, _) in enumerate(points):
+            choice = choices[i]
+            capped = choice.edge is not None and not widen_lr_grid(choice.scores, steps, cap, best=choice.lr)
+            tuned.append(TunedPoint(combo, folder, choice.lr, dict(choice.scores), choice.edge, capped))
+        path = out_dir / LR_CHOICES
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+        recorded.update({point.name: point.record(tuning_seeds, evaluation_seeds) for point in tuned})
+        atomic_write(path, (json.dumps(recorded, indent=2) + "\n").encode())
+        if on_tuned:
+            on_tuned(tuned)
+        stage = [run for point in tuned
+                 for run in plan_sweep(config_path, [], seeds, point.folder / EVALUATION,
+                                       [*base_overrides, *point.overrides, f"server.optimizer.lr={point.lr!r}"])]
+        if on_plan:
+            on_plan(stage)
+        run_sweep(stage, jobs, on_done)
+    return tuned
+
+
+def tuned_server_lrs(root: str | Path, key: str = "validation_accuracy",
+                     min_seeds: int = 1) -> dict[tuple[str, str], LrChoice]:
+    """Per (algorithm, aggregator) of the finished runs under ``root``, the server lr chosen by
+    :func:`fedgma.report.protocol.select_lr`: ``key`` averaged over the last 20% of each run's rounds,
+    then over its runs (seeds); a diverged run scores 0; a tie goes to the smallest lr.
+
+    Returns:
+        ``{(algorithm, aggregator): LrChoice}`` (``lr``, every lr's ``scores``, ``edge``).
+
+    Raises:
+        ValueError: no finished run under ``root``, a run without ``key`` (tuning needs
+            ``data.validation_fraction`` > 0), or an lr with fewer than ``min_seeds`` runs.
+    """
+    from fedgma.report.protocol import select_lr
+    from fedgma.report.runs import find_diverged, find_runs, part_name
+
+    def server_lr(config: Mapping[str, Any], where: Path) -> float:
+        lr = config.get("server", {}).get("optimizer", {}).get("lr")
+        if lr is None:
+            raise ValueError(f"run {where}: config.toml has no server.optimizer.lr")
+        return float(lr)
+
+    runs: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
+    for run in find_runs(root):
+        pair = (run.summary["algorithm"], run.summary["aggregator"])
+        runs.setdefault(pair, {}).setdefault(server_lr(run.config, run.path), {})[str(run.path)] = run.metrics
+    for item in find_diverged(root):
+        config = item["config"]
+        if config:
+            pair = (config["algorithm"], part_name(config, "server.aggregator"))
+            runs.setdefault(pair, {}).setdefault(server_lr(config, item["path"]), {})[str(item["path"])] = None
+    if not runs:
+        raise ValueError(f"no finished tuning runs under {root}")
+    chosen = {}
+    for pair, by_lr in sorted(runs.items()):
+        try:
+            chosen[pair] = select_lr(by_lr, key, min_seeds=min_seeds)
+        except ValueError as error:
+            raise ValueError(f"--server-lr-from {root}, {pair[0]}+{pair[1]}: {error}") from None
+    return chosen
