@@ -356,8 +356,9 @@ def _map_dimensions(rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
         varied = {k for options in seen.values() for k, shown in options.items() if len(shown) > 1}
 
         def partition(row: dict[str, Any]) -> tuple[str, tuple]:
+            dirichlet = row["values"].get("data.partition.name") in (None, "dirichlet")
             values = {k: v for k, v in row["values"].items() if k.startswith("data.partition.")
-                      and (k in ("data.partition.name", "data.partition.alpha") or k in varied)}
+                      and (k == "data.partition.name" or (k == "data.partition.alpha" and dirichlet) or k in varied)}
             text = _partition(values)
             return text, _partition_order(text, values)
         dims.append(("data.partition", "data partition (heterogeneity)", partition))

@@ -81,6 +81,13 @@ def write_report(
         raise ValueError(f"--last-fraction must be in (0, 1], got {fraction}")
     roots = list(dict.fromkeys(roots))
     runs = [r for root in roots for r in find_runs(root) if out not in r.path.parents]
+    seen: dict[Path, Path] = {}
+    for root in roots:
+        for run in (r for r in runs if root in r.path.parents):
+            where = run.path.resolve()
+            if where in seen and seen[where] != root:
+                raise ValueError(f"run folder {run.path} is under two of the folders given ({seen[where]}, {root})")
+            seen[where] = root
     incomplete = [r for root in roots for r in find_incomplete(root) if out not in r["path"].parents]
     diverged = [d for root in roots for d in find_diverged(root) if out not in d["path"].parents]
     if not runs:
