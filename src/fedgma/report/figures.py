@@ -371,7 +371,17 @@ def _map_dimensions(rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
     others = sorted((k for k in rest if k not in ordered),
                     key=lambda k: (-len({format_value(r["values"].get(k)) for r in rows}), k))
     dims += [(k, readable_name(k, keys), single(k)) for k in ordered + others]
-    return [d for d in dims if len({d[2](row)[0] for row in rows}) > 1]  # only what varies between the points
+    kept: list[tuple[str, str, Any]] = []
+    for dim in dims:  # only what varies between the points and is not told by a dimension already kept
+        shown = [dim[2](row)[0] for row in rows]
+        if len(set(shown)) > 1 and not any(_function_of(shown, [k[2](row)[0] for row in rows]) for k in kept):
+            kept.append(dim)
+    return kept
+
+
+def _function_of(values: list[str], other: list[str]) -> bool:
+    """Whether ``values`` is determined by ``other`` (e.g. the server momentum by the algorithm)."""
+    return len(set(zip(other, values, strict=True))) == len(set(other))
 
 
 def _sort_value(value: Any) -> tuple:
@@ -447,7 +457,8 @@ def plot_gain_map(rows: list[dict[str, Any]], path: Path, method: str = "gma") -
     axes[0][0].set_ylabel(f"{method} − mean, test accuracy\n(points, last {100 * rows[0]['fraction']:g}% of rounds)")
     handles, labels = [], []
     for i, (line, tau) in enumerate(lines):
-        handles.append(plt.Line2D([], [], color=f"C{i % 10}", marker=markers[i % len(markers)], markersize=7))
+        handles.append(plt.Line2D([], [], color=f"C{i % 10}", marker=markers[i % len(markers)], markersize=7,
+                                  markerfacecolor="white"))
         parts = [f"{shown[1][1]} = {line[0]}"] if len(shown) > 1 else []
         parts += [f"τ = {number(tau)}"] if tau is not None else []
         labels.append(", ".join(parts) or method)
@@ -455,8 +466,10 @@ def plot_gain_map(rows: list[dict[str, Any]], path: Path, method: str = "gma") -
                 plt.Line2D([], [], color="gray", marker="o", linestyle="none", markerfacecolor="white")]
     labels += ["significant after Holm (0.05)", "not significant"]
     fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
-    title = (f"{method} − plain averaging by setting: mean and 95% t-interval over {_seed_range(rows)} paired seeds"
-             + (f"\n(only {', '.join(fixed_text)})" if fixed_text else ""))
+    seeds = _seed_range(rows)
+    title = (f"{method} − plain averaging by setting: mean and 95% t-interval over {seeds} paired "
+             f"seed{'' if seeds == '1' else 's'}"
+             + ("\n" + textwrap.fill(f"(only {', '.join(fixed_text)})", 110) if fixed_text else ""))
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)

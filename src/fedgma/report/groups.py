@@ -19,7 +19,7 @@ from fedgma.report.protocol import LAST_FRACTION, LrChoice, curve_area, last_fra
 from fedgma.report.runs import RunRecord
 
 __all__ = ["Group", "comparisons", "extra_accuracies", "make_groups", "method_label", "pair_groups", "setting_keys",
-           "swept_keys", "tau_families"]
+           "setting_rank", "swept_keys", "tau_families"]
 
 
 #: Config keys that do not define *what* is compared: the seed, the name, the aggregator and its
@@ -200,12 +200,13 @@ def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy", 
                                  "report one of them")
             seen[seed] = run
     keys = swept_keys(groups)
-    setting_keys = [k for k in keys if not is_method_key(k)]
+    in_setting = sorted((k for k in keys if not is_method_key(k)), key=setting_rank)
     method_keys = [k for k in keys if is_method_key(k)]
     for group in groups:
         flat = group.flat
         group.values = {k: flat.get(k) for k in keys}
-        group.setting = " · ".join(part for part in (group.folder, describe(flat, setting_keys)) if part)
+        shown = describe(flat, [k for k in in_setting if flat.get(k) is not None])  # no "α=—" for IID
+        group.setting = " · ".join(part for part in (group.folder, shown) if part)
         group.label = method_label(group, method_keys)
     by_lr: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
@@ -279,13 +280,13 @@ def setting_keys(groups: Iterable[Group]) -> list[str]:
     seed, the aggregator and its options and the server lr (what a comparison varies within a setting)."""
     flats = [{k: v for k, v in g.flat.items()
               if k not in _PAIRING_IGNORES and not k.startswith(_PAIRING_IGNORED_PREFIX)} for g in groups]
-    keys = varying_keys(flats)
+    return sorted(varying_keys(flats), key=setting_rank)
 
-    def rank(key: str) -> tuple[int, int]:
-        first = (i for i, prefix in enumerate(_SETTING_ORDER) if key == prefix or key.startswith(prefix + "."))
-        return next(first, len(_SETTING_ORDER)), keys.index(key)
 
-    return sorted(keys, key=rank)
+def setting_rank(key: str) -> int:
+    """Data first, then the axes of GMA's map, then the rest (a stable sort keeps their order)."""
+    return next((i for i, prefix in enumerate(_SETTING_ORDER) if key == prefix or key.startswith(prefix + ".")),
+                len(_SETTING_ORDER))
 
 
 #: The order of a setting's keys in the gains table: data first, then the axes of GMA's map, then the rest.

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from fedgma.report.configs import format_value, is_method_key, readable_name
-from fedgma.report.groups import Group, comparisons, extra_accuracies, make_groups, setting_keys, swept_keys
+from fedgma.report.groups import (
+    Group,
+    comparisons,
+    extra_accuracies,
+    make_groups,
+    setting_keys,
+    setting_rank,
+    swept_keys,
+)
 from fedgma.report.protocol import LAST_FRACTION, holm, paired_difference
 from fedgma.report.runs import RunRecord
 from fedgma.report.stats import mean_std, rounds_to_target
@@ -68,7 +76,7 @@ def table_rows(
     """
     extras = extra_accuracies(groups)
     swept = swept_keys(groups)
-    columns = [k for k in swept if k not in _FIXED_COLUMNS]
+    columns = sorted((k for k in swept if k not in _FIXED_COLUMNS), key=lambda k: (is_method_key(k), setting_rank(k)))
     pair_target: dict[int, float] = {}
     for base, other in comparisons(groups):
         level = target_fraction * statistics.fmean(base.last().values())

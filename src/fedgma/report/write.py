@@ -162,7 +162,7 @@ def write_report(
                    f"averaged over the {last} of rounds and over seeds is compared (a diverged run scores 0); the "
                    "others are marked \"not selected\". These lrs were chosen on the same seeds that are scored "
                    "here: for an unbiased comparison, tune on other seeds and report only the evaluation runs. "
-                   f"{plural(edges, 'choice')} of {len(choices)} lie on an edge of the grid (widen it).")
+                   f"On an edge of the grid (widen it): {edges} of {plural(len(choices), 'choice')}.")
     not_done = [*[{"path": d["path"], "status": "diverged", "error": d.get("error", "")} for d in diverged],
                 *incomplete]
 
