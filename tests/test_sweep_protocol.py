@@ -83,7 +83,7 @@ def test_the_grid_widens_while_the_pick_is_on_an_edge_then_evaluates_at_the_pick
 def test_lr_choices_json_records_each_point_its_scores_and_seeds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_runs(monkeypatch, peak_at(2.0))
-    tune_and_evaluate(PAPER, [parse_grid("server.aggregator=mean")], tmp_path, [100, 101], 1)
+    tune_and_evaluate(PAPER, [parse_grid("server.aggregator=mean")], tmp_path, [100, 101, 100], 1)  # 100 once
     choices = json.loads((tmp_path / LR_CHOICES).read_text())
     assert list(choices) == ["aggregator=mean"]
     choice = choices["aggregator=mean"]

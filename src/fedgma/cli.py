@@ -271,7 +271,7 @@ def _tuned_sweep(config_path: str, grid: list[Any], overrides: tuple[str, ...], 
         raise ConfigError("--tune-server-lr needs --tuning-seeds (at least 2, none of them an evaluation seed), "
                           "e.g. --tuning-seeds 100,101")
     try:
-        tuning = [int(s) for s in tuning_seeds.split(",") if s.strip()]
+        tuning = list(dict.fromkeys(int(s) for s in tuning_seeds.split(",") if s.strip()))
         lrs = None if start_grid == "auto" else [float(v) for v in start_grid.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--tuning-seeds takes integers (e.g. 100,101), --tune-server-lr numbers (e.g. 0.5,1,2); "

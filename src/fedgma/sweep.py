@@ -459,7 +459,7 @@ def tune_and_evaluate(
     if seeds < 1:
         raise ConfigError(f"--seeds must be ≥ 1, got {seeds}")
     out_dir = Path(out_dir)
-    tuning_seeds = [int(s) for s in tuning_seeds]
+    tuning_seeds = list(dict.fromkeys(int(s) for s in tuning_seeds))  # a seed given twice is one seed
     evaluation_seeds = [load_config(config_path, list(base_overrides)).seed + i for i in range(seeds)]
     try:
         check_seeds(tuning_seeds, evaluation_seeds, min_evaluation=1)
