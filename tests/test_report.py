@@ -137,9 +137,9 @@ def test_run_folders_of_either_config_shape_report_the_same(tmp_path: Path) -> N
     for shape in ("flat", "parts"):
         for seed in (0, 1):
             fake_run(tmp_path / shape / "s" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.5, 0.6 + seed / 100],
-                     threshold=0.7, ood=0.25, shape=shape)  # a τ plain averaging never used: dropped
+                     threshold=0.7, ood=0.25, shape=shape, validation=0.5)  # a τ plain averaging never used: dropped
             fake_run(tmp_path / shape / "s" / f"aggregator=gma_seed{seed}", aggregator="gma", seed=seed, threshold=0.3,
-                     curve=[0.5, 0.64 + seed / 50], ood=0.3, shape=shape)
+                     curve=[0.5, 0.64 + seed / 50], ood=0.3, shape=shape, validation=0.6)
     flat, parts = (make_groups(find_runs(tmp_path / shape)) for shape in ("flat", "parts"))
     assert table_rows(flat) == table_rows(parts)
     assert gain_rows(flat) == gain_rows(parts)
@@ -149,8 +149,9 @@ def test_run_folders_of_either_config_shape_report_the_same(tmp_path: Path) -> N
     assert test["difference"] == pytest.approx(0.045)  # seeds: 0.64 − 0.60, 0.66 − 0.61
     run = find_runs(tmp_path / "flat")[0]
     assert run.config["server"]["optimizer"] == {"lr": 1.0} and run.config["data"]["partition"]["alpha"] == 0.1
-    assert select_server_lr(tmp_path / "flat", metric="test_accuracy") == select_server_lr(
-        tmp_path / "parts", metric="test_accuracy")
+    assert select_server_lr(tmp_path / "flat") == select_server_lr(tmp_path / "parts")
+    with pytest.raises(ValueError, match="chosen on validation only"):
+        select_server_lr(tmp_path / "flat", metric="test_accuracy")
 
 
 def test_same_folder_names_in_different_settings_are_not_mixed(tmp_path: Path) -> None:
@@ -171,6 +172,7 @@ def test_server_lr_is_selected_on_validation_never_on_test(tmp_path: Path) -> No
                  curve=[0.65 + 0.01 * seed], validation=0.6)
     chosen = select_server_lr(tmp_path)
     assert chosen[("fedavg", "mean")]["lr"] == 1.0 and chosen[("fedavg", "gma")]["lr"] == 2.0
+    assert (chosen[("fedavg", "mean")]["edge"], chosen[("fedavg", "gma")]["edge"]) == ("low", "high")
     groups = make_groups(find_runs(tmp_path))
     assert {(g.aggregator, g.server_lr) for g in groups if g.selected} == {("mean", 1.0), ("gma", 2.0)}
     (gain,) = gain_rows(groups)

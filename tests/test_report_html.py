@@ -60,6 +60,9 @@ def test_report_html_is_self_contained(report: Path) -> None:
     assert "MemoryError: &lt;too big&gt;" in text  # escaped
     assert "12 finished runs in 4 configurations, 0 diverged, 1 failed, 0 unfinished." in text
     assert "Configurations differ in: Dirichlet α (data.partition.alpha), aggregator (server.aggregator.name)." in text
+    # the protocol's tables and the map figure
+    assert "<th>p (Holm)</th>" in text and "<th>test acc % (last 20%)</th>" in text
+    assert "The map: GMA − plain averaging by setting" in text and 'alt="The map: GMA' in text
 
 
 @needs_chromium

@@ -25,13 +25,13 @@ DIRICHLET = {"name": "dirichlet", "alpha": 0.1, "min_size": 10}
 def write_run(folder: Path, *, seed: int, test: list[float], aggregator: str = "mean", lr: float = 1.0,
               validation: list[float] | None = None, every: int = 10, partition: dict | None = None,
               clients: int = 10, epochs: int = 1, algorithm: str = "fedavg", initial: float | None = None,
-              diverged: bool = False) -> Path:
+              diverged: bool = False, momentum: float = 0.0) -> Path:
     """A run folder in today's config shape: ``test`` (and ``validation``) accuracy at rounds every, 2·every, ...
     (or, with ``diverged``, a run that stopped on a non-finite model)."""
     folder.mkdir(parents=True)
     config = {"name": "t", "seed": seed, "algorithm": algorithm,
               "server": {"clients_per_round": clients, "aggregator": {"name": aggregator},
-                         "optimizer": {"name": "sgd", "lr": lr}},
+                         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum}},
               "client": {"local_epochs": epochs}, "data": {"partition": partition or DIRICHLET}}
     (folder / "config.toml").write_text(tomli_w.dumps(config))
     if diverged:
@@ -272,3 +272,19 @@ def test_gain_map_with_one_or_no_varying_key(tmp_path: Path) -> None:
     written, figure = _figure_of([{**row, "keys": [], "values": {}}], tmp_path / "single.png")
     assert written.is_file() and [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["all settings"]
     assert _figure_of([], tmp_path / "none.png") == (None, None)
+
+
+def test_gain_map_skips_a_key_told_by_another(tmp_path: Path) -> None:
+    # FedAvgM's server momentum comes with the algorithm: one line per algorithm, not a panel per momentum
+    for alpha in (0.1, 1.0):
+        for algorithm, momentum in (("fedavg", 0.0), ("fedavgm", 0.9)):
+            for seed in (0, 1):
+                for aggregator, value in (("mean", 0.6), ("gma", 0.61 + 0.01 * seed)):
+                    write_run(tmp_path / f"a{alpha}_{algorithm}_{aggregator}_seed{seed}", seed=seed,
+                              aggregator=aggregator, algorithm=algorithm, momentum=momentum, test=[0.5, value],
+                              partition={**DIRICHLET, "alpha": alpha})
+    rows = gain_rows(make_groups(find_runs(tmp_path)))
+    assert {"server momentum", "algorithm"} <= set(rows[0]["config"])  # both differ between settings
+    _, figure = _figure_of(rows, tmp_path / "map.png")
+    assert len(figure.axes) == 1 and "only" not in figure.get_suptitle()
+    assert [t.get_text() for t in figure.legends[0].get_texts()][:2] == ["algorithm = fedavg", "algorithm = fedavgm"]

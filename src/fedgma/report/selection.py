@@ -2,46 +2,46 @@
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from fedgma.report.groups import Group
+from fedgma.report.protocol import LAST_FRACTION, select_lr
 from fedgma.report.runs import find_diverged, find_runs, part_name
 
 __all__ = ["lr_selection", "lr_selection_columns", "select_server_lr"]
 
 
 def select_server_lr(
-    root: str | Path, metric: str = "validation_accuracy"
+    root: str | Path, metric: str = "validation_accuracy", fraction: float = LAST_FRACTION
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """For each (algorithm, aggregator) under ``root``, the server lr with the best mean final ``metric``.
+    """For each (algorithm, aggregator) under ``root``, the server lr chosen by
+    :func:`~fedgma.report.protocol.select_lr`: the best mean over seeds of ``metric`` averaged over the
+    last ``fraction`` of rounds.
 
-    This is how the suite tunes the server learning rate: on the validation split held out of the
+    This is how a tuning sweep chooses the server learning rate: on the validation split held out of the
     clients' data (``data.validation_fraction``), never on the test set. A diverged run scores 0.
-    Returns ``{(algorithm, aggregator): {"lr": best, "scores": {lr: mean metric}}}``.
+    Returns ``{(algorithm, aggregator): {"lr": best, "scores": {lr: mean metric}, "edge": "low"/"high"/None}}``.
+
+    Raises:
+        ValueError: no finished run, a test-set ``metric``, or a run without ``metric``.
     """
-    scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs: dict[tuple[str, str], dict[float, dict[int, Any]]] = defaultdict(lambda: defaultdict(dict))
     for run in find_runs(root):
-        if metric not in run.summary["final"]:
-            raise ValueError(
-                f"run {run.path} has no final {metric!r}; tuning needs data.validation_fraction > 0"
-            )
         pair = (run.summary["algorithm"], run.summary["aggregator"])
-        scores[pair][_server_lr(run.config, run.path)].append(float(run.summary["final"][metric]))
+        runs[pair][_server_lr(run.config, run.path)][int(run.summary["seed"])] = run.metrics
     for item in find_diverged(root):
         config = item["config"]
         if config:
             pair = (config["algorithm"], part_name(config, "server.aggregator"))
-            scores[pair][_server_lr(config, item["path"])].append(0.0)
-    if not scores:
+            runs[pair][_server_lr(config, item["path"])][int(config.get("seed", 0))] = None
+    if not runs:
         raise ValueError(f"no finished tuning runs under {root}")
     chosen = {}
-    for pair, by_lr in scores.items():
-        means = {lr: statistics.fmean(values) for lr, values in sorted(by_lr.items())}
-        best = max(means, key=lambda lr: means[lr])  # first (smallest) lr wins a tie
-        chosen[pair] = {"lr": best, "scores": means}
+    for pair, by_lr in runs.items():
+        choice = select_lr(by_lr, metric, fraction=fraction, min_seeds=1)
+        chosen[pair] = {"lr": choice.lr, "scores": choice.scores, "edge": choice.edge}
     return chosen
 
 
