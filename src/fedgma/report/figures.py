@@ -277,9 +277,9 @@ def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
     keys = list(dict.fromkeys(r["metric"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = list(dict.fromkeys(_method_name(r) for r in rows))
-    labels = ["\n".join(textwrap.wrap(s, 42)) for s in settings]
-    lines = max(label.count("\n") + 1 for label in labels)
-    height = 1.6 + (0.3 + 0.17 * lines) * len(settings) * max(1, len(methods)) ** 0.3
+    short, base = _deviations(rows)
+    labels = ["\n".join(textwrap.wrap(short[s], 42)) for s in settings]
+    height = 1.6 + sum(0.28 + 0.12 * (label.count("\n") + 1) for label in labels) * max(1, len(methods)) ** 0.25
     fig, axes = plt.subplots(1, len(keys), figsize=(max(9.0, 3 + 5.5 * len(keys)), height + 0.3 * len(methods)),
                              squeeze=False, layout="constrained", sharey=True)
     offsets = [0.0] if len(methods) == 1 else [0.3 * (i / (len(methods) - 1) - 0.5) for i in range(len(methods))]
@@ -297,19 +297,42 @@ def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(settings)), labels, fontsize=8)
         ax.set_ylim(len(settings) - 0.5, -0.5)
-        ax.set_xlabel(f"method − plain averaging, {key.replace('_', ' ')} ({last}, points)")
-        ax.set_title(key.replace("_", " "), fontsize=10)
+        ax.set_xlabel("method − plain averaging (points)")
+        ax.set_title(f"{key.replace('_', ' ')} ({last})", fontsize=10)
         ax.grid(alpha=0.3, axis="x")
         low, high = ax.get_xlim()
         bound = 1.1 * max(abs(low), abs(high), 0.5)  # a margin: no marker on the frame
         ax.set_xlim(-bound, bound)  # 0 in the middle: gains right, losses left
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=f"C{i}") for i in range(len(methods))]
     fig.legend(handles, methods, loc="outside lower center", ncols=min(len(methods), 3), fontsize=8, frameon=False)
-    fig.suptitle(f"Each method − plain averaging, paired by seed: mean and 95% t-interval over {_seed_range(rows)} "
-                 "seeds (filled: significant after Holm)", fontsize=10, wrap=True)
+    title = (f"Each method − plain averaging, paired by seed: mean and 95% t-interval over {_seed_range(rows)} "
+             "seeds (filled: significant after Holm)")
+    if base:
+        title += "\n" + textwrap.fill(f"settings named by how they differ from the base setting ({base})", 120)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _deviations(rows: list[dict[str, Any]]) -> tuple[dict[str, str], str]:
+    """Short names of the settings of ``rows``: only the keys whose value is not the most common one
+    ("clients per round=20"; "base setting" for none), and the base setting (every key's most common value)
+    as text. With fewer than three settings the full names are short enough and are kept."""
+    settings = {r["setting"]: r["config"] for r in rows}
+    if len(settings) < 3:
+        return {s: s for s in settings}, ""
+    names = list(dict.fromkeys(k for config in settings.values() for k in config))
+    mode = {}
+    for name in names:
+        counts: dict[str, int] = defaultdict(int)
+        for config in settings.values():
+            counts[config.get(name, "—")] += 1
+        mode[name] = max(counts, key=lambda v: (counts[v], v))
+    short = {s: ", ".join(f"{n}={config.get(n, '—')}" for n in names
+                          if config.get(n, "—") != mode[n] and config.get(n, "—") != "—") or "base setting"
+             for s, config in settings.items()}
+    return short, ", ".join(f"{n}={v}" for n, v in mode.items() if v != "—")
 
 
 #: The map's preferred axes, in order: x, one line each, one panel each.
