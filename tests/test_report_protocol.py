@@ -288,3 +288,24 @@ def test_gain_map_skips_a_key_told_by_another(tmp_path: Path) -> None:
     _, figure = _figure_of(rows, tmp_path / "map.png")
     assert len(figure.axes) == 1 and "only" not in figure.get_suptitle()
     assert [t.get_text() for t in figure.legends[0].get_texts()][:2] == ["algorithm = fedavg", "algorithm = fedavgm"]
+
+
+def test_gains_plot_names_settings_by_how_they_differ_from_the_base(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from fedgma.report.figures import plot_gains
+
+    def row(alpha: str, clients: str) -> dict:
+        return {"setting": f"α={alpha}, K={clients}", "config": {"Dirichlet α": alpha, "clients per round": clients},
+                "metric": "test_accuracy", "method": "gma", "tau": 0.4, "difference": 0.01, "ci_low": 0.0,
+                "ci_high": 0.02, "significant": True, "fraction": 0.2, "seeds": 5}
+
+    rows = [row("0.1", "10"), row("1", "10"), row("0.1", "20"), row("0.1", "5")]
+    plt.close("all")
+    with mock.patch.object(plt, "close"):
+        plot_gains(rows, tmp_path / "gains.png")
+        figure = plt.gcf()
+    plt.close("all")
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [
+        "base setting", "Dirichlet α=1", "clients per round=20", "clients per round=5"]
+    assert "base setting (Dirichlet α=0.1, clients per round=10)" in figure.get_suptitle()
