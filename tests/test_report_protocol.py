@@ -309,3 +309,20 @@ def test_gains_plot_names_settings_by_how_they_differ_from_the_base(tmp_path: Pa
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [
         "base setting", "Dirichlet α=1", "clients per round=20", "clients per round=5"]
     assert "base setting (Dirichlet α=0.1, clients per round=10)" in figure.get_suptitle()
+
+
+def test_the_table_averages_gmas_mask_statistics_over_rounds_then_seeds(tmp_path):
+    # gma seeds 0, 1: per-round densities (0.2, 0.4) and (0.6, 0.8) -> run means 0.3 and 0.7 -> 0.5 ± std
+    for seed, densities in ((0, (0.2, 0.4)), (1, (0.6, 0.8))):
+        run = write_run(tmp_path / f"gma_seed{seed}", seed=seed, aggregator="gma", test=[0.5, 0.6])
+        (run / "rounds.jsonl").write_text("".join(
+            json.dumps({"round": r + 1, "mask_density": d, "mask_pass_fraction": d / 2}) + "\n"
+            for r, d in enumerate(densities)))
+        write_run(tmp_path / f"mean_seed{seed}", seed=seed, test=[0.5, 0.6])
+    write_report(tmp_path, tmp_path / "report")
+    rows = {row["aggregator"]: row for row in read_csv(tmp_path / "report" / "summary.csv")}
+    assert float(rows["gma"]["mask_density_mean"]) == pytest.approx(0.5)
+    assert float(rows["gma"]["mask_density_std"]) == pytest.approx(math.sqrt(0.08))  # sample std of 0.3, 0.7
+    assert float(rows["gma"]["mask_pass_fraction_mean"]) == pytest.approx(0.25)
+    assert rows["mean"]["mask_density_mean"] == ""
+    assert "| mask density | mask pass % |" in (tmp_path / "report" / "summary.md").read_text()

@@ -41,6 +41,21 @@ def _stats(by_seed: dict[int, float]) -> tuple[float, float] | None:
     return mean_std(list(by_seed.values())) if by_seed else None
 
 
+#: GMA's per-round mask statistics (rounds.jsonl) that the experiment table averages over a run's rounds.
+MASK_KEYS = ("mask_density", "mask_pass_fraction")
+
+
+def mask_stats(group: Group, key: str) -> tuple[float, float] | None:
+    """``key`` (a :data:`MASK_KEYS` statistic of rounds.jsonl) averaged over each run's rounds, then (mean, std)
+    over the group's seeds; None when the runs log no such statistic (plain averaging, Krum, ...)."""
+    per_run = []
+    for run in group.runs:
+        values = [float(r[key]) for r in run.rounds() if r.get(key) is not None]
+        if values:
+            per_run.append(statistics.fmean(values))
+    return mean_std(per_run) if per_run else None
+
+
 def summary_rows(runs: Iterable[RunRecord], fraction: float = LAST_FRACTION) -> list[dict[str, Any]]:
     """One row per configuration (:func:`~fedgma.report.groups.make_groups`): ``run`` (its setting and
     method label), algorithm, aggregator, seeds, test accuracy over the last ``fraction`` of rounds and at
@@ -68,7 +83,9 @@ def table_rows(
     """One row per group, accuracies as (mean, std) over seeds: ``last_test_accuracy`` (mean over the last
     20% of rounds, the reported metric), ``area_test_accuracy`` (normalised area under the curve),
     ``test_accuracy_at_best_validation`` (None without a validation split), ``final_round_test_accuracy``,
-    ``last_<key>`` for every other accuracy, and the rounds each needs to reach a target accuracy.
+    ``last_<key>`` for every other accuracy, GMA's ``mask_density`` and ``mask_pass_fraction`` (each run's
+    mean over its rounds, then mean and std over seeds; None for rules without a mask), and the rounds each
+    needs to reach a target accuracy.
 
     The target is ``target`` if given; otherwise ``target_fraction`` × plain averaging's last-20% test
     accuracy in the same setting, the same target for every method compared with it
@@ -103,6 +120,8 @@ def table_rows(
             "test_accuracy_at_best_validation": _stats(group.at_best_validation()),
             "final_round_test_accuracy": mean_std(group.final()),
         }
+        for key in MASK_KEYS:
+            row[key] = mask_stats(group, key)
         for key in extras:
             row[f"last_{key}"] = _stats(group.last(key))
         level = target if target is not None else pair_target.get(id(group))
@@ -277,12 +296,14 @@ def table_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     folder = any(r.get("folder") for r in rows)
     tau = any(r["threshold"] is not None for r in rows)
     best = any(r.get("test_accuracy_at_best_validation") for r in rows)
+    masks = any(r.get("mask_density") for r in rows)
     last = window(rows[0]["fraction"] if rows else LAST_FRACTION)
     header = [*(["folder"] if folder else []), *swept, "algorithm", "aggregator", *(["τ"] if tau else []), "server lr",
               "seeds", f"test acc % ({last})", "test AUC %", *(["test acc % at best validation"] if best else []),
               "final-round test acc %",
               *[k.removeprefix("last_").replace("_accuracy", "").replace("_", " ") + f" acc % ({last})"
                 for k in extras],
+              *(["mask density", "mask pass %"] if masks else []),
               "target %", "rounds to target", "wall s"]
     body = []
     for r in rows:
@@ -297,8 +318,14 @@ def table_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
                      *([percent(r["test_accuracy_at_best_validation"], seeds)] if best else []),
                      percent(r["final_round_test_accuracy"], seeds),
                      *[percent(r.get(k), seeds) for k in extras],
+                     *([_mean_std_text(r.get("mask_density"), 1.0, 3),
+                        _mean_std_text(r.get("mask_pass_fraction"), 100.0, 1)] if masks else []),
                      "" if r["target"] is None else f"{100 * r['target']:.2f}", rounds, f"{r['wall_s']:.0f}"])
     return header, body
+
+
+def _mean_std_text(value: tuple[float, float] | None, scale: float, digits: int) -> str:
+    return "" if value is None else f"{scale * value[0]:.{digits}f} ± {scale * value[1]:.{digits}f}"
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
