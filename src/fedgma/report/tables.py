@@ -318,14 +318,18 @@ def table_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
                      *([percent(r["test_accuracy_at_best_validation"], seeds)] if best else []),
                      percent(r["final_round_test_accuracy"], seeds),
                      *[percent(r.get(k), seeds) for k in extras],
-                     *([_mean_std_text(r.get("mask_density"), 1.0, 3),
-                        _mean_std_text(r.get("mask_pass_fraction"), 100.0, 1)] if masks else []),
+                     *([_mean_std_text(r.get("mask_density"), 1.0, 3, seeds),
+                        _mean_std_text(r.get("mask_pass_fraction"), 100.0, 1, seeds)] if masks else []),
                      "" if r["target"] is None else f"{100 * r['target']:.2f}", rounds, f"{r['wall_s']:.0f}"])
     return header, body
 
 
-def _mean_std_text(value: tuple[float, float] | None, scale: float, digits: int) -> str:
-    return "" if value is None else f"{scale * value[0]:.{digits}f} ± {scale * value[1]:.{digits}f}"
+def _mean_std_text(value: tuple[float, float] | None, scale: float, digits: int, seeds: int) -> str:
+    """``mean ± std`` (scaled), the mean alone for one seed, empty for None."""
+    if value is None:
+        return ""
+    mean = f"{scale * value[0]:.{digits}f}"
+    return mean if seeds < 2 else f"{mean} ± {scale * value[1]:.{digits}f}"
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
