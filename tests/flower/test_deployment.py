@@ -6,8 +6,11 @@ NODE_UNAVAILABLE, sender = the SuperLink), and the strategy, run by the app with
 ``on_invalid="fail"`` (fedgma's ``server.on_bad_update`` default), took that reply for a bad update
 and raised, which ended the ServerApp. A reply that never came is now *lost*, not bad.
 
-The slow test is the deployment itself (about 2 minutes on 2 cores, most of it waiting for the
-SuperLink to notice the dead node: 2 × the 30 s heartbeat interval after its last heartbeat).
+The slow tests are deployments: the first one with the kill (about 2 minutes on 2 cores, most of it
+waiting for the SuperLink to notice the dead node: 2 × the 30 s heartbeat interval after its last
+heartbeat); the second one runs examples/flower-app/secure (GMA under SecAgg+, ``secure-aggregation =
+true``) on the same TLS + node-auth deployment (each SecAgg+ round is 4 messages per node, each run
+in a ClientApp process of its own, so a round takes several times a plaintext one).
 Run it with::
 
     .venv/bin/pytest tests/flower/test_deployment.py -m slow -q
@@ -252,4 +255,57 @@ def test_deployment_with_tls_and_node_auth_survives_a_supernode_killed_mid_round
     final = torch.load(run_dir / "final_model.pt")["params"]
     assert bool(torch.isfinite(final).all())
     assert summary["final"]["round"] == 4
+    assert summary["final"]["test_accuracy"] > summary["initial"]["test_accuracy"] + 0.1
+
+
+@pytest.mark.slow
+def test_secure_gma_deployment_with_tls_and_node_auth(tmp_path):
+    """examples/flower-app/secure (secure-aggregation = true) on SuperLink + 3 SuperNodes, TLS and node
+    authentication on: every round's update goes through SecAgg+, and an unregistered node is refused."""
+    run_dir = tmp_path / "run"
+    run_config = (
+        "rounds=2 eval_every=1 data.num_clients=3 server.clients_per_round=3 server.min_clients=2 "
+        f"round-timeout=120.0 run-dir='{run_dir}'"
+    )
+    started = time.monotonic()
+    with LoopbackDeployment(tmp_path / "deployment") as dep:
+        dep.start_superlink()
+        assert f"Uvicorn running on https://{dep.address}" in dep.log("superlink")  # TLS on
+        for k in range(3):
+            dep.register_node(f"node{k}")
+            dep.start_node(f"node{k}", node_config=f"partition-id={k} num-partitions=3")
+        intruder_key, _ = write_node_key(tmp_path / "deployment" / "keys", "intruder")
+        dep.start_node("intruder", node_config="partition-id=0 num-partitions=3", private_key=intruder_key,
+                       extra=["--max-retries", "2", "--max-wait-time", "20"])
+        dep.wait_for_nodes(3)
+        run_id = dep.run_app(APP / "secure", run_config)
+        summary_path = run_dir / "summary.json"
+        _wait(dep, run_id, summary_path.is_file, "summary.json", 240, ["superlink", "node0", "node1", "node2"])
+        intruder = dep.processes["intruder"]
+        _wait_until(lambda: intruder.poll() is not None, "the intruder SuperNode to give up", 60)
+        activated = dep.wait_for_nodes(3)
+        server_log = dep.run_log(run_id)
+        intruder_log, superlink_log = dep.log("intruder"), dep.log("superlink")
+
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads(summary_path.read_text())
+    print(f"\nsecure deployment: {time.monotonic() - started:.1f} s in all; round seconds "
+          f"{[round(r['round_s'], 1) for r in rounds]}; test accuracy {summary['initial']['test_accuracy']:.4f} -> "
+          f"{[round(m['test_accuracy'], 4) for m in metrics]}")
+
+    # node authentication: the unregistered key was refused (had it got in, two nodes would claim client 0)
+    assert intruder.returncode != 0 and "Failed to activate SuperNode" in intruder_log
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in superlink_log
+    assert len(set(activated)) == 3 and "3 clients mapped to SuperNodes" in server_log
+    assert "both hold client" not in server_log
+    # every round went through SecAgg+ with all three clients, and the model learned
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["secure_aggregation"] is True and "skipped" not in r, r
+        assert r["secure_num_clients"] == 3 and r["secure_num_dropped"] == 0 and r["aggregated"] == [0, 1, 2]
+        assert "train_loss" not in r  # nothing of a client's training in clear
+    assert summary["status"] == "finished" and summary["engine"] == "flower"
+    assert summary["secure_aggregation"]["update_bound"] == 1.0
+    assert summary["final"]["round"] == 2
     assert summary["final"]["test_accuracy"] > summary["initial"]["test_accuracy"] + 0.1
