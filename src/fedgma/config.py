@@ -234,6 +234,7 @@ class ServerConfig(_Section):
     max_update_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     on_bad_update: Literal["fail", "drop"] = "fail"
     min_clients: int = Field(1, ge=1)
+    secure_aggregation: bool = False  # engine = "flower" only: rounds through Flower's SecAgg+ (docs/PRIVACY.md)
 
     _aggregator = field_validator("aggregator")(_part_validator(AGGREGATORS))
     _optimizer = field_validator("optimizer")(_part_validator(SERVER_OPTIMIZERS))
@@ -295,6 +296,13 @@ class Config(_Section):
         return _one_of(value, available_algorithms())
 
     _backend = field_validator("backend")(_part_validator(BACKENDS))
+
+    @model_validator(mode="after")
+    def _secure_on_flower(self) -> Config:
+        if self.server.secure_aggregation and self.engine != "flower":
+            raise ValueError('server.secure_aggregation = true runs on Flower\'s SecAgg+: it needs engine = "flower" '
+                             "(--engine flower)")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -462,6 +470,9 @@ def _format_error(error: ValidationError) -> str:
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(_unknown_key(tuple(str(part) for part in item["loc"])))
+            continue
+        if not key:  # a check across sections (Config's own validators): its message names the keys
+            lines.append(f"config: {describe_error(item, None)}")
             continue
         lines.append(f"config key {key!r}: {describe_error(item, field_at(Config, item['loc']))}")
     return "; ".join(lines)

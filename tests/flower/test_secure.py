@@ -366,3 +366,18 @@ def test_fedgma_app_with_secure_aggregation_gives_the_simulators_accuracy_on_flo
         assert summary["secure_aggregation"] == {"update_bound": 1.0, "num_shares": 1.0,
                                                  "reconstruction_threshold": 0.6}
         assert summary["final"]["test_accuracy"] > summary["initial"]["test_accuracy"] + 0.2
+
+
+def test_the_config_key_turns_secure_mode_on_and_needs_the_flower_engine(tmp_path):
+    from fedgma.config import ConfigError, load_config
+    from fedgma.flower.app import run_flower
+
+    with pytest.raises(ConfigError, match=r"^config: server\.secure_aggregation = true .* needs engine = \"flower\""):
+        load_config(None, ["server.secure_aggregation=true"])
+    # with engine = "flower", run_flower takes the key as secure=True: its secure-mode checks refuse krum
+    # before anything starts (a plaintext run would accept krum)
+    config = load_config(None, ["engine=flower", "server.secure_aggregation=true", "server.aggregator=krum",
+                                "data.dataset=digits"])
+    with pytest.raises(ConfigError, match=r"^config key 'server.aggregator': 'krum' cannot run with secure"):
+        run_flower(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

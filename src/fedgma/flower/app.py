@@ -1102,14 +1102,15 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
 
     ``num_cpus`` caps the CPUs Ray may use (default: all), ``client_cpus`` (whole CPUs) is what one
     ClientApp reserves. Flower's output is shown only if ``verbose`` (default: ``FEDGMA_VERBOSE=1``).
-    ``secure`` (True: :class:`SecureSettings`' defaults) runs the rounds under Flower's SecAgg+ (the
-    app's ``secure-aggregation = true``, :func:`serve`).
+    ``secure`` (True: :class:`SecureSettings`' defaults), or the config's ``server.secure_aggregation``,
+    runs the rounds under Flower's SecAgg+ (the app's ``secure-aggregation = true``, :func:`serve`).
 
     Raises:
         ConfigError: a setting the Flower engine does not run. FolderInUseError, RunFolderError: see above.
         RuntimeError: the run ended without a summary (with the end of Flower's log).
     """
     check_supported(config)
+    secure = secure or config.server.secure_aggregation
     settings = SecureSettings() if secure is True else (secure or None)
     if settings is not None:
         check_secure_supported(config)
