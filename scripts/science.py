@@ -176,8 +176,12 @@ def lr_rows(out: Path) -> list[dict[str, Any]]:
 def report(out: Path, to: Path) -> int:
     """Tables of the full stage (``fedgma report``), the lr choices, the stage log and the packed runs, into ``to``."""
     fedgma = shutil.which("fedgma") or str(Path(sys.executable).parent / "fedgma")
-    evaluation = sorted(out.glob("full/*/*/*/evaluation"))
-    tuning = sorted(out.glob("full/*/*/*/tuning"))
+    # only points whose full stage is complete (in full/lrs.json, written once a point's evaluation seeds
+    # have all run): a stage cut short must not report a point on fewer seeds than the protocol asks
+    path = out / "full" / "lrs.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    evaluation = [out / "full" / key / "evaluation" for key in sorted(done)]
+    tuning = [out / "full" / key / "tuning" for key in sorted(done)]
     if not evaluation:
         print(f"science report: no evaluation runs under {out / 'full'}; run the full stage first", file=sys.stderr)
         return 1
