@@ -117,8 +117,9 @@ def test_clipped_updates_are_counted_and_the_decoded_sums_are_the_plaintext_sums
 
 def test_bad_inputs_are_named():
     theta = initial()
-    with pytest.raises(ValueError, match="num_examples must be an integer in"):
+    with pytest.raises(ValueError, match="num_examples must be an integer in") as error:
         encode_update(theta, theta, 2000, 1.0, 1024, True)
+    assert "2000" not in str(error.value)  # Flower sends a ClientApp's exception text to the server in clear
     with pytest.raises(ValueError, match="shape"):
         encode_update(theta, [theta[0], np.zeros(3, np.float32)], 10, 1.0, 1024, True)
     with pytest.raises(TypeError, match="float arrays only"):
@@ -296,7 +297,10 @@ def test_secure_aggregation_is_one_run_config_key_and_what_it_cannot_run_is_refu
     refused = {
         "'secure-aggregation': expected true or false, got 'yes'": {"secure-aggregation": "yes"},
         "'secure-update-bound': expected a finite number > 0, got 0.0": {"secure-update-bound": 0.0},
-        "'secure-num-shares': expected an integer ≥ 2": {"secure-num-shares": 1},
+        "'secure-num-shares': expected an integer ≥ 3": {"secure-num-shares": 1},
+        "'secure-num-shares': expected an integer ≥ 3 .*got 2": {"secure-num-shares": 2},  # Flower's: > 2
+        "'secure-reconstruction-threshold': expected fewer than secure-num-shares = 3 shares, got 3":
+            {"secure-num-shares": 3, "secure-reconstruction-threshold": 3},
         "'secure-reconstruction-threshold': expected an integer ≥ 2": {"secure-reconstruction-threshold": 1.5},
     }
     for message, keys in refused.items():
@@ -381,3 +385,56 @@ def test_the_config_key_turns_secure_mode_on_and_needs_the_flower_engine(tmp_pat
     with pytest.raises(ConfigError, match=r"^config key 'server.aggregator': 'krum' cannot run with secure"):
         run_flower(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_integer_share_settings_no_round_can_meet_are_refused_before_flower_starts(tmp_path):
+    """secure-num-shares / secure-reconstruction-threshold as integers above what a round of
+    server.clients_per_round clients can give: SecAgg+ would halt every round (all clients logged as
+    dropped, the model never trained). Refused in one line, naming the key, before Flower starts."""
+    from fedgma.config import ConfigError
+    from fedgma.flower.app import SecureSettings, run_flower
+
+    SecureSettings(num_shares=4, reconstruction_threshold=3).check_clients_per_round(4)
+    SecureSettings(reconstruction_threshold=3).check_clients_per_round(4)  # 1.0 of 4 clients: 4 shares
+    SecureSettings(num_shares=0.5, reconstruction_threshold=3).check_clients_per_round(10)  # 5 shares
+    cases = {
+        "'secure-num-shares': 5 shares but server.clients_per_round = 4": SecureSettings(num_shares=5),
+        "'secure-reconstruction-threshold': 10 shares needed but a round of 4 clients shares each secret 4 "
+        "times": SecureSettings(reconstruction_threshold=10),
+        "'secure-reconstruction-threshold': 5 shares needed but a round of 10 clients shares each secret 3 "
+        "times": SecureSettings(num_shares=0.25, reconstruction_threshold=5),  # round(2.5) = 2, odd: 3
+    }
+    for message, settings in cases.items():
+        with pytest.raises(ConfigError, match=message) as error:
+            settings.check_clients_per_round(10 if settings.num_shares == 0.25 else 4)
+        assert "\n" not in str(error.value)
+    config = _app_config()  # 4 clients per round
+    with pytest.raises(ConfigError, match="'secure-reconstruction-threshold': 10 shares needed"):
+        run_flower(config, tmp_path / "run", progress=False, secure=SecureSettings(reconstruction_threshold=10))
+    assert not (tmp_path / "run" / "flower.log").exists()  # refused before Flower started
+
+
+def test_an_update_bound_far_above_the_updates_is_warned_about(caplog):
+    """B = 1e300: every (n_k/W)·Δ/B is below float64's resolution next to 1, the secure sum of the updates
+    is exactly zero and the model would silently never move; SecureGMA warns, naming update_bound, and
+    reports the round's quantization error bound. A sensible B does not warn."""
+    import logging
+
+    theta = initial()
+    deltas = [client_update(p, 3) for p in range(3)]
+    q = quantization_range_for(3)
+    for bound, warned in ((1e300, True), (0.5, False)):
+        strategy = SecureGMA(update_bound=bound, max_examples=512, max_clients=3,
+                             initial_parameters=ndarrays_to_parameters(theta))
+        xs = [encode_update(theta, [t + d for t, d in zip(theta, delta, strict=True)], 300, bound, 512, False)
+              for delta in deltas]
+        strategy._global = theta
+        results = [(None, type("R", (), {"parameters": ndarrays_to_parameters(flower_secure_mean(xs, q)),
+                                         "num_examples": 1, "metrics": {}})())] * 3
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            _, metrics = strategy.aggregate_fit(1, results, [])
+        assert metrics["secure-update-error-bound"] == update_error_bound(bound, 512, 3, 900, q)
+        assert ("update_bound = 1e+300 is too large" in caplog.text) is warned, caplog.text
+        if warned:
+            assert strategy.last_round["aggregate"].abs().max().item() == 0.0

@@ -141,13 +141,42 @@ class SecureSettings:
         bound = self.update_bound
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (0 < bound < math.inf):
             raise ConfigError(f"run-config key 'secure-update-bound': expected a finite number > 0, got {bound!r}")
-        for key, value, least in (("secure-num-shares", self.num_shares, 2),
+        # Flower's SecAggPlusWorkflow: an integer num_shares must be > 2, an integer threshold ≥ 2 (1 means 1.0)
+        for key, value, least in (("secure-num-shares", self.num_shares, 3),
                                   ("secure-reconstruction-threshold", self.reconstruction_threshold, 2)):
             ok = (isinstance(value, int) and not isinstance(value, bool) and value >= least) or (
                 isinstance(value, float) and 0 < value <= 1)
             if not ok:
                 raise ConfigError(f"run-config key {key!r}: expected an integer ≥ {least} (clients) or a float in "
                                   f"(0, 1] (a fraction of the round's clients), got {value!r}")
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and isinstance(threshold, int) and threshold >= shares:
+            raise ConfigError(f"run-config key 'secure-reconstruction-threshold': expected fewer than "
+                              f"secure-num-shares = {shares} shares, got {threshold}")
+
+    def check_clients_per_round(self, clients_per_round: int) -> None:
+        """Refuse (ConfigError, one line) integer settings that no round of ``clients_per_round`` clients can
+        meet: SecAgg+ would halt every round ("Insufficient available nodes") and the run would train nothing.
+        """
+        shares = self.num_shares
+        if isinstance(shares, int) and shares > clients_per_round:
+            raise ConfigError(f"run-config key 'secure-num-shares': {shares} shares but server.clients_per_round = "
+                              f"{clients_per_round}; expected at most the round's clients (or a float fraction)")
+        threshold = self.reconstruction_threshold
+        if isinstance(threshold, int):
+            effective = shares if isinstance(shares, int) else _flower_num_shares(shares, clients_per_round)
+            if threshold > effective:
+                raise ConfigError(f"run-config key 'secure-reconstruction-threshold': {threshold} shares needed but "
+                                  f"a round of {clients_per_round} clients shares each secret {effective} times "
+                                  f"(secure-num-shares = {shares}); SecAgg+ would halt every round")
+
+
+def _flower_num_shares(fraction: float, num_clients: int) -> int:
+    """The number of shares SecAggPlusWorkflow's setup stage uses for a float ``num_shares`` (flwr 1.41)."""
+    shares = round(fraction * num_clients)
+    if shares < num_clients and shares & 1 == 0:
+        shares += 1
+    return num_clients if shares <= 2 else shares
 
 
 def secure_settings(own: dict[str, Any]) -> SecureSettings | None:
@@ -683,6 +712,7 @@ class SecureFedGMA(SecureGMA):
             "secure_num_dropped": int(last["num_dropped"]),
             "secure_total_examples": int(sums["total_examples"]),
             "secure_clipped_fraction": float(sums["clipped_fraction"]),
+            "secure_update_error_bound": float(last["update_error_bound"]),
         }
 
 
@@ -790,6 +820,7 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
     check_supported(config)
     if secure is not None:
         check_secure_supported(config)
+        secure.check_clients_per_round(config.server.clients_per_round)
     start_time = time.perf_counter()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1114,6 +1145,7 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
     settings = SecureSettings() if secure is True else (secure or None)
     if settings is not None:
         check_secure_supported(config)
+        settings.check_clients_per_round(config.server.clients_per_round)
     if client_cpus != int(client_cpus) or client_cpus < 1:
         raise ConfigError(f"client_cpus must be a whole number of CPUs ≥ 1 on Flower's simulation runtime, "
                           f"got {client_cpus}")

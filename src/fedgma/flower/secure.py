@@ -130,7 +130,7 @@ def update_error_bound(bound: float, weight_scale: int, num_clients: int, total_
     B·W·Σ(...)/Σ n_k is within 2·B·W·K / (Q·Σ n_k) (a strict bound; stochastic rounding makes the
     typical error about √K times smaller).
     """
-    return 2.0 * bound * weight_scale * num_clients / (quantization_range * total_examples)
+    return bound * (2.0 * weight_scale * num_clients / (quantization_range * total_examples))  # no overflow for huge B
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,8 +169,9 @@ def encode_update(global_arrays: list[np.ndarray], local_arrays: list[np.ndarray
     _float_arrays(list(local_arrays), "the client's model")
     n = int(num_examples)
     if n != num_examples or not 1 <= n <= weight_scale:
-        raise ValueError(f"num_examples must be an integer in [1, {weight_scale}] (the weight scale), "
-                         f"got {num_examples!r}")
+        # the value is not in the message: Flower sends a ClientApp's exception text to the server in clear
+        raise ValueError(f"num_examples must be an integer in [1, {weight_scale}] (the weight scale W: raise the "
+                         "server's max_examples); the client's value is not shown, it would reach the server")
     if not (bound > 0 and math.isfinite(bound)):
         raise ValueError(f"the update bound must be a finite number > 0, got {bound!r}")
     ratio = n / weight_scale
@@ -364,7 +365,9 @@ class SecureGMA(LegacyFedAvg):
         Returns ``(None, {})`` (model unchanged) when there are no results or the step would make the
         model non-finite. Metrics: ``gma-mask-density``, ``gma-agreement-mean``, ``secure-num-clients``,
         ``secure-num-dropped`` (sampled clients whose vector is not in the sum; flwr 1.41 lists each such
-        client twice in ``failures``), ``secure-total-examples``, ``secure-clipped-fraction``, plus
+        client twice in ``failures``), ``secure-total-examples``, ``secure-clipped-fraction``,
+        ``secure-update-error-bound`` (:func:`update_error_bound` of the round; a WARNING is logged when it
+        is not below the mean update's RMS: ``update_bound`` far too large), plus
         ``fit_metrics_aggregation_fn`` of the clients' plaintext metrics, if given (note: those
         ``num_examples`` are all 1).
         """
@@ -378,11 +381,21 @@ class SecureGMA(LegacyFedAvg):
         params = torch.cat([torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).ravel() for a in self._global])
         update = torch.cat([torch.from_numpy(a).ravel() for a in sums["update"]])
         sign_sum = torch.cat([torch.from_numpy(a).ravel() for a in sums["sign_sum"]]).to(dtype)
+        error_bound = update_error_bound(self.update_bound, self.weight_scale, len(results), sums["total_examples"],
+                                         self.quantization_range)
+        rms = float(update.square().mean().sqrt()) if update.numel() else 0.0
+        if error_bound >= rms and bool(sign_sum.any()):
+            # B far above the updates: each client's (n_k/W)·Δ/B is below Flower's quantization step (or below
+            # float64's resolution next to 1), so the sum is all quantization noise, or exactly zero
+            log(WARNING, "SecureGMA: round %d: quantization error bound %.3g per coordinate ≥ the mean update's RMS "
+                "%.3g: update_bound = %g is too large for these updates (choose it just above the largest update "
+                "coordinate)", server_round, error_bound, rms, self.update_bound)
         agreement = sign_agreement(sign_sum, float(sums["normaliser"]))
         mask = gma_mask(agreement, self.threshold, self.hard)
         aggregate = update.to(dtype) * mask
         new = self.optimizer.step(params.to(dtype), -aggregate)
-        self.last_round.update(mask=mask, agreement=agreement, aggregate=aggregate, sums=sums)
+        self.last_round.update(mask=mask, agreement=agreement, aggregate=aggregate, sums=sums,
+                               update_error_bound=error_bound)
         if not torch.isfinite(new).all():
             log(WARNING, "SecureGMA: round %d would make the model non-finite; model unchanged", server_round)
             return None, {}
@@ -397,7 +410,8 @@ class SecureGMA(LegacyFedAvg):
                         "gma-agreement-mean": float(agreement.float().mean()),
                         "secure-num-clients": len(results), "secure-num-dropped": self._sampled - len(results),
                         "secure-total-examples": sums["total_examples"],
-                        "secure-clipped-fraction": sums["clipped_fraction"]})
+                        "secure-clipped-fraction": sums["clipped_fraction"],
+                        "secure-update-error-bound": error_bound})
         return ndarrays_to_parameters(arrays), metrics
 
 
