@@ -438,3 +438,16 @@ def test_an_update_bound_far_above_the_updates_is_warned_about(caplog):
         assert ("update_bound = 1e+300 is too large" in caplog.text) is warned, caplog.text
         if warned:
             assert strategy.last_round["aggregate"].abs().max().item() == 0.0
+
+
+def test_a_malformed_secure_sum_skips_the_round_instead_of_stopping_the_server():
+    from flwr.common import Code, FitRes, Status
+
+    strategy = SecureGMA(threshold=0.4, initial_parameters=ndarrays_to_parameters(initial()))
+    strategy._global = initial()  # what configure_fit keeps: the round's global model
+    strategy._sampled = 5
+    # a weight entry that is not a multiple of 1/W: decoded Σ n_k is not an integer (one client's malformed vector)
+    bad = [np.zeros_like(a) for a in initial()] * 2 + [np.array([0.30001, 0.0])]
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(bad), 1, {})
+    assert strategy.aggregate_fit(1, [(None, result)] * 5, []) == (None, {})
+    assert "not a positive integer" in strategy.last_round["invalid_sum"]

@@ -362,8 +362,10 @@ class SecureGMA(LegacyFedAvg):
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
         """Mask and step from the workflow's average (every result's ``parameters`` is that same average).
 
-        Returns ``(None, {})`` (model unchanged) when there are no results or the step would make the
-        model non-finite. Metrics: ``gma-mask-density``, ``gma-agreement-mean``, ``secure-num-clients``,
+        Returns ``(None, {})`` (model unchanged) when there are no results, when the sum is not a valid
+        encoding (a client sent a malformed vector: logged, and ``last_round["invalid_sum"]`` says why), or
+        when the step would make the model non-finite. Metrics: ``gma-mask-density``, ``gma-agreement-mean``,
+        ``secure-num-clients``,
         ``secure-num-dropped`` (sampled clients whose vector is not in the sum; flwr 1.41 lists each such
         client twice in ``failures``), ``secure-total-examples``, ``secure-clipped-fraction``,
         ``secure-update-error-bound`` (:func:`update_error_bound` of the round; a WARNING is logged when it
@@ -375,8 +377,14 @@ class SecureGMA(LegacyFedAvg):
                            "num_dropped": self._sampled - len(results)}
         if not results or self._global is None:
             return None, {}
-        sums = decode_aggregate(parameters_to_ndarrays(results[0][1].parameters), len(results), self.update_bound,
-                                self.weight_scale, self.weighted_agreement)
+        try:
+            sums = decode_aggregate(parameters_to_ndarrays(results[0][1].parameters), len(results), self.update_bound,
+                                    self.weight_scale, self.weighted_agreement)
+        except ValueError as error:  # impossible sums: some client sent a vector outside the encoding
+            log(WARNING, "SecureGMA: round %d skipped, model unchanged: the secure sum is not a valid encoding "
+                "(%s); a client sent a malformed vector (the sum cannot say which)", server_round, error)
+            self.last_round["invalid_sum"] = str(error)
+            return None, {}
         dtype = torch.float64 if any(a.dtype == np.float64 for a in self._global) else torch.float32
         params = torch.cat([torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).ravel() for a in self._global])
         update = torch.cat([torch.from_numpy(a).ravel() for a in sums["update"]])
