@@ -111,14 +111,23 @@ def run(config_path: str | None, overrides: tuple[str, ...], out: str | None, de
         else:
             summary = _simulate(simulate, config, run_dir, quiet, overwrite=overwrite)
     final = summary["final"]
-    click.echo(
-        f"{run_dir}: final test accuracy {final['test_accuracy']:.4f} "
-        f"(best {summary['best']['test_accuracy']:.4f} at round {summary['best']['round']}), "
-        f"{summary['wall_s']:.1f} s"
-    )
+    click.echo(f"{run_dir}: final test accuracy {final['test_accuracy']:.4f}{_last_fraction_text(run_dir, summary)}, "
+               f"{summary['wall_s']:.1f} s")
     shifted = {k: final[k] for k in ("ood_accuracy", "holdout_mean_accuracy", "holdout_worst10_accuracy") if k in final}
     if shifted:  # held-out domains and clients (docs/HETEROGENEITY.md)
         click.echo("  " + ", ".join(f"{k} {v:.4f}" for k, v in shifted.items()))
+
+
+def _last_fraction_text(run_dir: Path, summary: dict[str, Any]) -> str:
+    """`` (mean over the last 20% of rounds X)``: the protocol's metric (fedgma.report.protocol), or ``""``."""
+    from fedgma.checkpoint import read_jsonl
+    from fedgma.report.protocol import LAST_FRACTION, last_fraction_mean
+
+    try:
+        value = last_fraction_mean(read_jsonl(run_dir / "metrics.jsonl"), horizon=summary.get("rounds"))
+    except (OSError, ValueError):
+        return ""
+    return f" (mean over the last {100 * LAST_FRACTION:g}% of rounds {value:.4f})"
 
 
 def _key_hyperparameters(config: Any) -> str:
