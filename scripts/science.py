@@ -125,7 +125,10 @@ class Stage:
 
 def run_stage(stage: Stage, suite: dict[str, Any], studies: list[str]) -> dict[str, Any]:
     protocol = suite["protocol"]
-    picks: dict[str, Any] = {}
+    # picks of earlier runs of this stage (other studies) are kept: a stage run per group of studies
+    # must not drop the record of the groups before it
+    earlier = stage.out / "lrs.json"
+    picks: dict[str, Any] = json.loads(earlier.read_text()) if earlier.is_file() else {}
     coarse = {} if stage.name == "coarse" else json.loads((stage.out.parent / "coarse" / "lrs.json").read_text())
     for name in studies:
         study = suite["studies"][name]
@@ -228,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with log.open("a") as file:
         file.write(json.dumps({**record, "event": "start"}) + "\n")
+    before = set(json.loads((stage.out / "lrs.json").read_text())) if (stage.out / "lrs.json").is_file() else set()
     picks = run_stage(stage, suite, studies)
+    points_run = len(set(picks) - before) or len(picks)
     with log.open("a") as file:
         file.write(json.dumps({**record, "event": "end", "wall_s": round(time.time() - start, 1),
-                               "process_s": round(process_s() - cpu, 1), "points": len(picks)}) + "\n")
-    print(f"{args.stage}: {len(picks)} points in {time.time() - start:.0f} s; lrs in {stage.out / 'lrs.json'}")
+                               "process_s": round(process_s() - cpu, 1), "points": points_run}) + "\n")
+    print(f"{args.stage}: {points_run} points in {time.time() - start:.0f} s; lrs in {stage.out / 'lrs.json'}")
     return 0
 
 
