@@ -155,7 +155,7 @@ def test_gains_csv_every_method_against_mean_with_holm_across_the_table(tmp_path
         assert float(row["p"]) == pytest.approx(p[key], rel=1e-6)
         assert float(row["p_holm"]) == pytest.approx(holm[key], rel=1e-6)
         assert row["significant"] == str(holm[key] <= 0.05)
-        assert (row["tau"], row["agreement_count"]) == ("0.4", "4.0")  # τ × 10 clients per round
+        assert (row["tau"], row["agreement_count"]) == ("0.4", "4")  # τ × 10 clients per round
     assert p[("0.1", "gma")] < 0.05 < holm[("0.1", "gma")]  # significant alone, not after Holm
     one = got[("5", "gma")]
     assert one["seeds"] == "1" and one["ci_low"] == one["p"] == one["p_holm"] == one["significant"] == ""
@@ -326,3 +326,11 @@ def test_the_table_averages_gmas_mask_statistics_over_rounds_then_seeds(tmp_path
     assert float(rows["gma"]["mask_pass_fraction_mean"]) == pytest.approx(0.25)
     assert rows["mean"]["mask_density_mean"] == ""
     assert "| mask density | mask pass % |" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_tau_as_a_net_count_of_agreeing_clients_has_the_rounds_parity():
+    from fedgma.report.tables import agreement_count
+
+    # K clients: the net count |#pos − #neg| is K, K − 2, ..., so τ·K is rounded up to K's parity
+    assert [agreement_count(0.4, k) for k in (5, 10, 20, 50, 100)] == [3, 4, 8, 20, 40]
+    assert agreement_count(0.0, 10) == 0 and agreement_count(1.0, 7) == 7 and agreement_count(0.3, 10) == 4

@@ -153,6 +153,13 @@ def _sortable(value: Any) -> tuple[int, float, str]:
     return (1, 0.0, str(value))
 
 
+def agreement_count(tau: float, clients: int) -> int:
+    """τ as a count: the smallest net number of agreeing clients |#positive − #negative| that reaches τ with
+    ``clients`` clients in the round (unweighted agreement, no zero updates). With K clients the net count
+    has K's parity, so it is the first of K mod 2, K mod 2 + 2, ... that is ≥ τ·K (τ = 0.4: 4 of 10, 3 of 5)."""
+    return next(n for n in range(clients % 2, clients + 1, 2) if n >= tau * clients - 1e-9) if tau > 0 else 0
+
+
 #: The columns of gains.csv after the setting's varying keys (readable names), in this order.
 GAIN_COLUMNS = ("method", "baseline", "seeds", "difference", "ci_low", "ci_high", "p", "p_holm", "significant",
                 "metric", "tau", "agreement_count", "lr_method", "lr_baseline", "note")
@@ -172,8 +179,8 @@ def gain_rows(groups: list[Group], alpha: float = 0.05) -> list[dict[str, Any]]:
 
     Each row also holds ``config`` (the setting's varying keys by readable name), ``setting`` (the same as
     text), ``values`` (their raw values, for the map figure), ``method`` and ``baseline`` (aggregators),
-    ``tau`` and ``agreement_count`` (τ × clients per round: the net number of agreeing clients, |#positive
-    − #negative signs|, at which GMA's mask reaches 1), and each side's server lr.
+    ``tau`` and ``agreement_count`` (:func:`agreement_count`: the net number of agreeing clients,
+    |#positive − #negative signs|, at which GMA's mask reaches 1), and each side's server lr.
     """
     pairs = comparisons(groups)
     keys = setting_keys([g for pair in pairs for g in pair])
@@ -206,7 +213,7 @@ def gain_rows(groups: list[Group], alpha: float = 0.05) -> list[dict[str, Any]]:
                 "difference": None, "ci_low": None, "ci_high": None, "p": None, "p_holm": None, "significant": None,
                 "metric": key,
                 "tau": tau,
-                "agreement_count": tau * clients if tau is not None and clients else None,
+                "agreement_count": agreement_count(tau, int(clients)) if tau is not None and clients else None,
                 "lr_method": other.server_lr,
                 "lr_baseline": base.server_lr,
                 "fraction": other.fraction,
@@ -347,12 +354,12 @@ def _p(value: float | None) -> str:
 
 def gain_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """A gains table (method − mean, accuracy in points) as a header and text cells: the setting's varying
-    keys, method, baseline, τ and τ × clients per round (where a method has τ), the server lrs, seeds,
+    keys, method, baseline, τ and τ as a net count of agreeing clients (where a method has τ), the server lrs, seeds,
     the difference with its 95% interval, p, Holm's p and whether it is significant after Holm."""
     keys = list(dict.fromkeys(k for r in rows for k in r["config"]))
     tau = any(r["tau"] is not None for r in rows)
     count = any(r["agreement_count"] is not None for r in rows)
-    header = [*keys, "method", "baseline", *(["τ"] if tau else []), *(["τ × clients per round"] if count else []),
+    header = [*keys, "method", "baseline", *(["τ"] if tau else []), *(["τ as net agreeing clients"] if count else []),
               "server lr (method / mean)", "seeds", "difference (points)", "95% interval", "p", "p (Holm)",
               "significant (Holm, 0.05)", "note"]
     body = []

@@ -153,8 +153,8 @@ def write_report(
                   f"options and server lr), paired by seed, on the {last} test-accuracy metric: mean difference in "
                   "accuracy points, 95% Student-t interval, paired t-test p, and Holm's adjusted p across all "
                   "comparisons of the table (significant: Holm's p ≤ 0.05). gains.csv holds the same in accuracy "
-                  "fractions. τ × clients per round: the net number of agreeing clients (|#positive − #negative "
-                  "signs|) at which GMA's mask reaches 1.")
+                  "fractions. τ as net agreeing clients: the smallest |#positive − #negative signs| among the round's "
+                  "clients at which GMA's mask reaches 1 (e.g. τ = 0.4: 4 of 10, 3 of 5).")
     lr_text = ""
     if choices:
         edges = sum(c["edge"] is not None for c in choices)
