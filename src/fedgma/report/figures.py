@@ -100,18 +100,25 @@ def plot_curves(groups: list[Group], path: Path, title: str) -> Path | None:
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     labels = list(dict.fromkeys(group_name(g) for g in groups))
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    per_row = max(1, min(len(labels), 2 * ncols))
+    palette = plt.get_cmap("tab20") if len(labels) > 10 else None  # more than 10 lines: no colour twice (up to 20)
+    colours = {label: palette(i % 20) if palette else f"C{i}" for i, label in enumerate(labels)}
+    width = max(6.4, 4.6 * ncols)
+    # legend entries per row: as many as fit the figure's width (8-point text ≈ 0.065 in a character,
+    # plus the line handle and spacing), so a long label is never cut at the figure's edge
+    entry = 0.065 * max(len(label) for label in labels) + 0.6
+    per_row = max(1, min(len(labels), 2 * ncols, int(width // entry)))
     legend_rows = math.ceil(len(labels) / per_row)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.4, 4.6 * ncols), 3.3 * nrows + 0.9 + 0.25 * legend_rows),
-                             squeeze=False, layout="constrained")
+    titles = {setting: textwrap.fill(setting or "all runs", 55) for setting in settings}  # ≈ a panel's width
+    title_lines = max(t.count("\n") + 1 for t in titles.values())
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, (3.3 + 0.2 * (title_lines - 1)) * nrows + 0.9
+                                                    + 0.25 * legend_rows), squeeze=False, layout="constrained")
     for ax, (setting, key) in zip(axes.flat, panels, strict=False):
         for group in (g for g in groups if g.setting == setting):
             _band(ax, group.runs, key, group_name(group), scale=100, bounds=(0, 100),
                   color=colours[group_name(group)])
         name = key.replace("_accuracy", "").replace("_", " ")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{setting or 'all runs'}" + ("" if len(keys) == 1 else f": {name}"), fontsize=10)
+        ax.set_title(titles[setting] + ("" if len(keys) == 1 else f": {name}"), fontsize=10)
         ax.set_xlabel("round")
         ax.set_ylabel(f"{name} accuracy (%)")
         ax.grid(alpha=0.3)
