@@ -191,6 +191,23 @@ def _wait(deployment: LoopbackDeployment, run_id: int, done, what: str, timeout:
     return result
 
 
+def _start_three_nodes_and_an_intruder(dep: LoopbackDeployment, tmp_path) -> None:
+    """A TLS SuperLink, three registered SuperNodes (clients 0-2) and one whose key was never registered.
+
+    Node authentication must refuse the intruder: if it were let in, the ServerApp would find two nodes
+    claiming client 0 and stop. Returns once the three registered nodes are active.
+    """
+    dep.start_superlink()
+    assert f"Uvicorn running on https://{dep.address}" in dep.log("superlink")  # TLS on
+    for k in range(3):
+        dep.register_node(f"node{k}")
+        dep.start_node(f"node{k}", node_config=f"partition-id={k} num-partitions=3")
+    intruder_key, _ = write_node_key(tmp_path / "deployment" / "keys", "intruder")
+    dep.start_node("intruder", node_config="partition-id=0 num-partitions=3", private_key=intruder_key,
+                   extra=["--max-retries", "2", "--max-wait-time", "20"])
+    dep.wait_for_nodes(3)
+
+
 @pytest.mark.slow
 def test_deployment_with_tls_and_node_auth_survives_a_supernode_killed_mid_round(tmp_path):
     run_dir = tmp_path / "run"
@@ -199,17 +216,7 @@ def test_deployment_with_tls_and_node_auth_survives_a_supernode_killed_mid_round
         f"round-timeout=150.0 run-dir='{run_dir}'"
     )
     with LoopbackDeployment(tmp_path / "deployment") as dep:
-        dep.start_superlink()
-        assert f"Uvicorn running on https://{dep.address}" in dep.log("superlink")  # TLS on
-        for k in range(3):
-            dep.register_node(f"node{k}")
-            dep.start_node(f"node{k}", node_config=f"partition-id={k} num-partitions=3")
-        # node authentication: a node whose key was never registered is refused. If it were let in,
-        # the ServerApp would find two nodes claiming client 0 and stop.
-        intruder_key, _ = write_node_key(tmp_path / "deployment" / "keys", "intruder")
-        dep.start_node("intruder", node_config="partition-id=0 num-partitions=3", private_key=intruder_key,
-                       extra=["--max-retries", "2", "--max-wait-time", "20"])
-        dep.wait_for_nodes(3)
+        _start_three_nodes_and_an_intruder(dep, tmp_path)
         intruder = dep.processes["intruder"]
         _wait_until(lambda: intruder.poll() is not None, "the intruder SuperNode to give up", 60)
         assert intruder.returncode != 0 and "Failed to activate SuperNode" in dep.log("intruder")
@@ -269,15 +276,7 @@ def test_secure_gma_deployment_with_tls_and_node_auth(tmp_path):
     )
     started = time.monotonic()
     with LoopbackDeployment(tmp_path / "deployment") as dep:
-        dep.start_superlink()
-        assert f"Uvicorn running on https://{dep.address}" in dep.log("superlink")  # TLS on
-        for k in range(3):
-            dep.register_node(f"node{k}")
-            dep.start_node(f"node{k}", node_config=f"partition-id={k} num-partitions=3")
-        intruder_key, _ = write_node_key(tmp_path / "deployment" / "keys", "intruder")
-        dep.start_node("intruder", node_config="partition-id=0 num-partitions=3", private_key=intruder_key,
-                       extra=["--max-retries", "2", "--max-wait-time", "20"])
-        dep.wait_for_nodes(3)
+        _start_three_nodes_and_an_intruder(dep, tmp_path)
         run_id = dep.run_app(APP / "secure", run_config)
         summary_path = run_dir / "summary.json"
         _wait(dep, run_id, summary_path.is_file, "summary.json", 240, ["superlink", "node0", "node1", "node2"])
