@@ -411,19 +411,37 @@ def _find_checkpoint(run_dir: Path, config: Config) -> dict[str, Any] | None:
 
 
 def summarize(config: Config, history: list[dict[str, Any]], total_steps: int, wall_s: float) -> dict[str, Any]:
-    """``summary.json`` of a run from its evaluations: the final and best accuracies and the cost."""
+    """``summary.json`` of a run from its evaluations: the final accuracies, the protocol's metric and the cost.
+
+    ``final`` is the last evaluation; ``last_20pct`` the mean of each accuracy over the evaluations in the
+    last 20% of the rounds (:func:`fedgma.report.protocol.last_fraction_mean`; absent when none falls in
+    that window); ``best`` exists only with a validation split and is the evaluation where
+    ``validation_accuracy`` was highest (its round, validation and test accuracy): a best chosen on the
+    test set would overstate the method (issue 15), so there is none.
+    """
+    from fedgma.report.protocol import LAST_FRACTION, last_fraction_mean
+
     final = history[-1]
-    best = max(history, key=lambda r: r["test_accuracy"])
     accuracy_keys = [k for k in final if k.endswith("_accuracy")]
-    return {
+    summary = {
         "name": config.name,
         "algorithm": config.algorithm,
         "aggregator": config.server.aggregator.name,
         "seed": config.seed,
         "rounds": config.rounds,
         "final": {k: final[k] for k in ["round", *accuracy_keys, "test_loss", "train_loss"] if k in final},
-        "best": {"round": best["round"], "test_accuracy": best["test_accuracy"]},
-        "total_local_steps": total_steps,
-        "wall_s": wall_s,
-        "status": "finished",
     }
+    last = {}
+    for key in accuracy_keys:
+        try:
+            last[key] = last_fraction_mean(history, key, horizon=config.rounds, fraction=LAST_FRACTION)
+        except ValueError:  # no evaluation of this key in the window (eval_every larger than 20% of rounds)
+            continue
+    if last:
+        summary["last_20pct"] = last
+    validated = [r for r in history if r.get("validation_accuracy") is not None]
+    if validated:
+        best = max(validated, key=lambda r: r["validation_accuracy"])  # the earliest of ties
+        summary["best"] = {"round": best["round"], "validation_accuracy": best["validation_accuracy"],
+                           "test_accuracy": best["test_accuracy"]}
+    return {**summary, "total_local_steps": total_steps, "wall_s": wall_s, "status": "finished"}
