@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from fedgma.config import load_config
-from fedgma.flower.app import run_flower
+from fedgma.flower.launch import run_flower
 from fedgma.simulation import run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -163,7 +163,7 @@ def _run_on_flower(config: Any, run_dir: Path, progress: bool, overwrite: bool =
     from fedgma.config import ConfigError
 
     try:
-        from fedgma.flower.app import run_flower
+        from fedgma.flower.launch import run_flower
     except ImportError as error:
         raise ConfigError(f"config key 'engine': 'flower' needs the Flower extra: {error}") from None
     return run_flower(config, run_dir, progress=progress, overwrite=overwrite, verbose=verbose or None)

@@ -261,7 +261,7 @@ def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any] | None
               and not config_differences(run.config, saved))
     try:
         if run.config.engine == "flower":  # the point's own engine (Flower's simulation runtime, from round 1)
-            from fedgma.flower.app import run_flower
+            from fedgma.flower.launch import run_flower
 
             return run_flower(run.config, run.run_dir, progress=False)
         return simulate(run.config, run.run_dir, progress=False, resume=resume, overwrite=True)

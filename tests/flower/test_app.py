@@ -16,15 +16,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # 
 from fedgma.cli import main  # noqa: E402
 from fedgma.client import train_client  # noqa: E402
 from fedgma.config import ConfigError, config_to_toml, load_config  # noqa: E402
-from fedgma.flower.app import (  # noqa: E402
+from fedgma.flower.client_app import client_app  # noqa: E402
+from fedgma.flower.records import params_to_record, record_to_params  # noqa: E402
+from fedgma.flower.run_config import (  # noqa: E402
     EXPERIMENT_KEY,
     build_data,
     build_flat_model,
     check_supported,
-    client_app,
     config_from_run_config,
-    params_to_record,
-    record_to_params,
 )
 from fedgma.seeding import torch_generator  # noqa: E402
 from fedgma.simulation import local_settings  # noqa: E402
@@ -66,6 +65,20 @@ def config_path(tmp_path):
     path = tmp_path / "digits.toml"
     path.write_text(CONFIG)
     return path
+
+
+def test_fedgma_flower_app_keeps_its_entry_points_and_old_names():
+    """Flower apps name ``fedgma.flower.app:server_app`` / ``:client_app``; every name of its ``__all__`` is the
+    object of the module it moved to, so ``from fedgma.flower.app import run_flower, serve, ...`` keeps working."""
+    from fedgma.flower import app, launch, records, run_config
+    from fedgma.flower import client_app as client_module
+    from fedgma.flower import server_app as server_module
+
+    homes = [run_config, records, client_module, server_module, launch]
+    for name in app.__all__:
+        (home,) = [module for module in homes if name in module.__all__]
+        assert getattr(app, name) is getattr(home, name), name
+    assert app.client_app is client_app and app.server_app is server_module.server_app
 
 
 def test_records_round_trip_and_mismatches_are_named(config_path):
@@ -155,7 +168,7 @@ def test_serve_writes_final_files_atomically_and_holds_the_lock(config_path, tmp
     from flower_sim import simulate
 
     from fedgma.checkpoint import FolderInUseError, atomic_write, final_files_problem, lock_folder
-    from fedgma.flower import app as flower_app
+    from fedgma.flower import server_app as server_module
 
     out = tmp_path / "served"
     written, locked = [], []
@@ -169,9 +182,9 @@ def test_serve_writes_final_files_atomically_and_holds_the_lock(config_path, tmp
             locked.append(True)
         atomic_write(path, data)
 
-    monkeypatch.setattr(flower_app, "atomic_write", recording_write)
+    monkeypatch.setattr(server_module, "atomic_write", recording_write)
     config = load_config(config_path, ["engine=flower", "data.num_clients=4", "server.clients_per_round=4"])
-    simulate(flower_app.make_server_app(config, out), client_app, 4)
+    simulate(server_module.make_server_app(config, out), client_app, 4)
     assert written == ["config.toml", "final_model.pt", "summary.json"]
     assert all(locked)
     assert final_files_problem(out) is None

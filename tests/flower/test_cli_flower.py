@@ -18,7 +18,8 @@ pytest.importorskip("flwr")
 
 from fedgma.checkpoint import FolderInUseError, RunFolderError, final_files_problem, lock_folder  # noqa: E402
 from fedgma.config import ConfigError, load_config  # noqa: E402
-from fedgma.flower.app import config_from_run_config, flower_app_files, run_flower  # noqa: E402
+from fedgma.flower.launch import flower_app_files, run_flower  # noqa: E402
+from fedgma.flower.run_config import config_from_run_config  # noqa: E402
 
 pytestmark = pytest.mark.flower
 

@@ -3,8 +3,8 @@
 Every recipe the Flower engine runs (fedavg, fedavgm, fedprox, scaffold, fedadam, fedyogi,
 fedadagrad) × every aggregator (gma, mean, median, trimmed_mean, krum), on digits, 5 clients, 4 per
 round, 2 rounds. All the Flower runs of a test share one simulation (one Ray start-up): one
-ServerApp runs the configs one after the other with :func:`fedgma.flower.app.serve`, against the
-same virtual SuperNodes running ``fedgma.flower.app.client_app`` (SCAFFOLD's c_i in each node's
+ServerApp runs the configs one after the other with :func:`fedgma.flower.server_app.serve`, against the
+same virtual SuperNodes running ``fedgma.flower.client_app.client_app`` (SCAFFOLD's c_i in each node's
 Context state, told apart per experiment).
 
 The one arithmetic difference between the engines: a Flower client replies with its model θ + Δ and
@@ -26,7 +26,8 @@ from flwr.serverapp import ServerApp  # noqa: E402
 
 from fedgma.checkpoint import load_final_model  # noqa: E402
 from fedgma.config import parse_config, resolve  # noqa: E402
-from fedgma.flower.app import client_app, serve  # noqa: E402
+from fedgma.flower.client_app import client_app  # noqa: E402
+from fedgma.flower.server_app import serve  # noqa: E402
 from fedgma.simulation import run as run_simulator  # noqa: E402
 
 pytestmark = pytest.mark.flower

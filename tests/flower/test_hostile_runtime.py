@@ -1,6 +1,6 @@
 """Hostile replies on Flower's simulation runtime: the run finishes with the honest clients' result.
 
-fedgma's ServerApp (:func:`fedgma.flower.app.serve`) runs digits with 4 clients, all sampled every
+fedgma's ServerApp (:func:`fedgma.flower.server_app.serve`) runs digits with 4 clients, all sampled every
 round, for 5 rounds, against a ClientApp that is fedgma's ``client_app`` except for partition 2,
 which sends one hostile reply a round: (1) ``num-examples`` = 1e39; (2) finite arrays of 1e36 with
 1000 examples (a weighted sum that would overflow float32); (3) a metric that is a list where the
@@ -28,7 +28,9 @@ from flwr.serverapp import ServerApp  # noqa: E402
 
 from fedgma.checkpoint import load_final_model  # noqa: E402
 from fedgma.config import parse_config, resolve  # noqa: E402
-from fedgma.flower import app as fedgma_app  # noqa: E402
+from fedgma.flower import client_app as fedgma_client  # noqa: E402
+from fedgma.flower.run_config import EXPERIMENT_KEY  # noqa: E402
+from fedgma.flower.server_app import serve  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -45,19 +47,19 @@ def config(eval_every: int):
 
 
 hostile_client = ClientApp()
-hostile_client.query()(fedgma_app._query)  # which partition a node holds, as fedgma's own ClientApp says
+hostile_client.query()(fedgma_client._query)  # which partition a node holds, as fedgma's own ClientApp says
 
 
 @hostile_client.train()
 def _train(msg, context):
-    reply = fedgma_app._train(msg, context)
+    reply = fedgma_client._train(msg, context)
     metrics = reply.content["metrics"]
     metrics["extra"] = 1.0
     if int(context.node_config["partition-id"]) != HOSTILE:
         return reply
     round_index = int(msg.content["config"]["server-round"])
     # the experiment is told apart by its eval_every: 1 = hostile, 2 = reference (a test's convention)
-    if tomllib.loads(str(msg.content["config"][fedgma_app.EXPERIMENT_KEY]))["eval_every"] == 2:
+    if tomllib.loads(str(msg.content["config"][EXPERIMENT_KEY]))["eval_every"] == 2:
         if round_index != 3:
             raise RuntimeError("the reference run's client 2 fails this round")
         return reply
@@ -83,8 +85,8 @@ def test_hostile_replies_on_the_simulation_runtime_leave_the_honest_result(tmp_p
 
     @server_app.main()
     def _main(grid, context) -> None:
-        fedgma_app.serve(grid, config(1), tmp_path / "hostile")
-        fedgma_app.serve(grid, config(2), tmp_path / "reference")
+        serve(grid, config(1), tmp_path / "hostile")
+        serve(grid, config(2), tmp_path / "reference")
 
     simulate(server_app, hostile_client, 4)
     rounds = [json.loads(line) for line in (tmp_path / "hostile" / "rounds.jsonl").read_text().splitlines()]

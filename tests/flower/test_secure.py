@@ -273,11 +273,11 @@ def test_secure_aggregation_is_one_run_config_key_and_what_it_cannot_run_is_refu
     import tomllib
 
     from fedgma.config import ConfigError
-    from fedgma.flower.app import (
+    from fedgma.flower.launch import flower_app_files
+    from fedgma.flower.run_config import (
         SecureSettings,
         check_secure_supported,
         config_from_run_config,
-        flower_app_files,
         secure_settings,
     )
 
@@ -334,7 +334,9 @@ def test_fedgma_app_with_secure_aggregation_gives_the_simulators_accuracy_on_flo
     from flower_sim import simulate
     from flwr.serverapp import ServerApp
 
-    from fedgma.flower.app import SecureSettings, client_app, serve
+    from fedgma.flower.client_app import client_app
+    from fedgma.flower.run_config import SecureSettings
+    from fedgma.flower.server_app import serve
     from fedgma.simulation import run as run_simulator
 
     configs = {"gma-adam": _app_config(), "mean-sgd": _app_config(seed=2, algorithm="fedavg", aggregator="mean")}
@@ -374,7 +376,7 @@ def test_fedgma_app_with_secure_aggregation_gives_the_simulators_accuracy_on_flo
 
 def test_the_config_key_turns_secure_mode_on_and_needs_the_flower_engine(tmp_path):
     from fedgma.config import ConfigError, load_config
-    from fedgma.flower.app import run_flower
+    from fedgma.flower.launch import run_flower
 
     with pytest.raises(ConfigError, match=r"^config: server\.secure_aggregation = true .* needs engine = \"flower\""):
         load_config(None, ["server.secure_aggregation=true"])
@@ -392,7 +394,8 @@ def test_integer_share_settings_no_round_can_meet_are_refused_before_flower_star
     server.clients_per_round clients can give: SecAgg+ would halt every round (all clients logged as
     dropped, the model never trained). Refused in one line, naming the key, before Flower starts."""
     from fedgma.config import ConfigError
-    from fedgma.flower.app import SecureSettings, run_flower
+    from fedgma.flower.launch import run_flower
+    from fedgma.flower.run_config import SecureSettings
 
     SecureSettings(num_shares=4, reconstruction_threshold=3).check_clients_per_round(4)
     SecureSettings(reconstruction_threshold=3).check_clients_per_round(4)  # 1.0 of 4 clients: 4 shares

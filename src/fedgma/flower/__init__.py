@@ -12,7 +12,14 @@ install. What is here:
 * :mod:`fedgma.flower.mixin`: ``with_gma(FedAvg | FedAvgM | FedProx | FedAdam | FedYogi |
   FedAdagrad)`` and ``GMAMixin``: GMA in place of the weighted average, then Flower's own server step.
 * :mod:`fedgma.flower.app`: the ``server_app`` / ``client_app`` pair that runs a fedgma experiment
-  config (datasets, partitions, models) on Flower, and ``run_flower`` behind ``fedgma run --engine flower``.
+  config (datasets, partitions, models) on Flower, the entry points ``fedgma.flower.app:server_app``
+  and ``fedgma.flower.app:client_app``; their code is in :mod:`fedgma.flower.server_app` (``serve``,
+  the ``FedGMA`` and ``SecureFedGMA`` strategies) and :mod:`fedgma.flower.client_app`, over
+  :mod:`fedgma.flower.run_config` (the app's run config as a fedgma ``Config``, what the engine runs)
+  and :mod:`fedgma.flower.records` (parameters as Flower records).
+* :mod:`fedgma.flower.launch`: ``run_flower`` behind ``fedgma run --engine flower`` (a SuperLink of
+  its own, then ``flwr run`` of the app).
+* :mod:`fedgma.flower.secure`: GMA under Flower's SecAgg+ (``SecureGMA``, the ClientApp's mod).
 
 A SuperLink and SuperNodes on 127.0.0.1 with generated TLS certificates and node keys, for trying a
 deployment on one machine and for the deployment test, are in ``examples/flower-app/loopback.py``.
