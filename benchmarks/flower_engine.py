@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/flower_engine.py --models mlp --rounds 4
 
 For each model it runs configs/quickstart.toml (Fashion-MNIST, 100 clients, 10 per round, eval every
-round here) with ``fedgma.simulation.run`` and with ``fedgma.flower.app.run_flower`` (``fedgma run
+round here) with ``fedgma.simulation.run`` and with ``fedgma.flower.launch.run_flower`` (``fedgma run
 --engine flower``), and splits each run's wall time into
 
 * ``launch``: before the ServerApp starts (the SuperLink, ``flwr run``, the simulation process and

@@ -159,7 +159,8 @@ def _simulate(simulate: Callable[..., dict[str, Any]], config: Any, run_dir: Pat
 
 def _run_on_flower(config: Any, run_dir: Path, progress: bool, overwrite: bool = False,
                    verbose: bool = False) -> dict[str, Any]:
-    """``engine = "flower"``: the same experiment on Flower's simulation engine (fedgma.flower.app)."""
+    """``engine = "flower"``: the same experiment on Flower's simulation engine
+    (:func:`fedgma.flower.launch.run_flower`, which runs the app ``fedgma.flower.app``)."""
     from fedgma.config import ConfigError
 
     try:

@@ -13,8 +13,9 @@ To make the two engines do the same arithmetic:
   ``torch_generator(seed, "client", round, k)``, as the sequential backend does;
 * the server samples the round's clients with :func:`fedgma.simulation.sample_clients` and sends
   each its message (a first "query" round learns which node holds which partition);
-* :class:`FedGMA` aggregates with the core streaming aggregator (via :class:`GMAMixin`) and steps
-  with the recipe's own server optimizer (``fedgma.server_opt``), on the flat parameter vector;
+* :class:`FedGMA` aggregates with the core streaming aggregator (via
+  :class:`fedgma.flower.strategy.FedgmaStrategy`) and steps with the recipe's own server optimizer
+  (``fedgma.server_opt``), on the flat parameter vector;
 * evaluation is central, on the server, every ``eval_every`` rounds, with
   :func:`fedgma.simulation.evaluate`.
 

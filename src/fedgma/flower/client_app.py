@@ -35,9 +35,9 @@ from fedgma.flower.records import (
     SCAFFOLD_META,
     SCAFFOLD_PENDING,
     SCAFFOLD_RUN,
-    _flat_of,
-    _flat_record,
     arrays_to_params,
+    flat_of,
+    flat_record,
     params_to_arrays,
     params_to_record,
     record_to_params,
@@ -91,7 +91,7 @@ def _client_control(context: Context, run: str, committed_round: int, numel: int
             state[SCAFFOLD_CI] = state[SCAFFOLD_PENDING]
         del state[SCAFFOLD_PENDING]  # committed now, or its reply was dropped / its round skipped
     if SCAFFOLD_CI in state.array_records:
-        return _flat_of(state.array_records[SCAFFOLD_CI], numel)
+        return flat_of(state.array_records[SCAFFOLD_CI], numel)
     return torch.zeros(numel)
 
 
@@ -158,7 +158,7 @@ def _local_training(client: _Client, context: Context, config_record: Any, param
     seed = client.config.seed
     correction = control = server_control = None
     if scaffold_c is not None:  # SCAFFOLD: gradient correction c − c_i
-        server_control = _flat_of(scaffold_c, client.model.numel)
+        server_control = flat_of(scaffold_c, client.model.numel)
         control = _client_control(context, str(config_record[SCAFFOLD_RUN]), int(config_record[SCAFFOLD_COMMITTED]),
                                   client.model.numel)
         correction = server_control - control
@@ -169,7 +169,7 @@ def _local_training(client: _Client, context: Context, config_record: Any, param
     if control is not None and server_control is not None and result.num_steps:
         # option II, as ScaffoldClient.finish_client: c_i⁺ = c_i − c − Δ/(K η_l); kept until committed
         pending = control + (-server_control - result.update / (result.num_steps * client.settings.lr))
-        context.state[SCAFFOLD_PENDING] = _flat_record(pending)
+        context.state[SCAFFOLD_PENDING] = flat_record(pending)
         context.state.config_records[SCAFFOLD_META]["pending-round"] = round_index
     return result
 

@@ -27,7 +27,7 @@ import tomli_w
 from fedgma.checkpoint import lock_folder, read_json
 from fedgma.config import Config, ConfigError, config_to_toml
 from fedgma.flower.run_config import EXPERIMENT_KEY, SecureSettings, check_secure_supported, check_supported
-from fedgma.flower.server_app import _start_run_folder
+from fedgma.flower.server_app import start_run_folder
 from fedgma.progress import ProgressBar
 
 __all__ = ["LocalSuperLink", "flower_app_files", "run_flower"]
@@ -203,7 +203,7 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
         "init-args-logging-level": "INFO" if verbose else "ERROR",
     }
     with lock_folder(run_dir, "run"):
-        _start_run_folder(run_dir, config, overwrite)  # before Flower starts: a refusal costs nothing
+        start_run_folder(run_dir, config, overwrite)  # before Flower starts: a refusal costs nothing
         with tempfile.TemporaryDirectory(prefix="fedgma-flower-") as tmp:
             root = Path(tmp)
             app = root / "app"

@@ -3,7 +3,7 @@
 :func:`params_to_record` / :func:`record_to_params` carry the model as an ArrayRecord keyed by
 parameter name (the Message API); :func:`params_to_arrays` / :func:`arrays_to_params` as the list of
 arrays of legacy Flower ``Parameters`` (SecAgg+'s workflow); the ``SCAFFOLD_*`` keys and
-``_flat_record`` / ``_flat_of`` are how SCAFFOLD's control variates travel between the ServerApp
+``flat_record`` / ``flat_of`` are how SCAFFOLD's control variates travel between the ServerApp
 (:mod:`fedgma.flower.server_app`) and the ClientApp (:mod:`fedgma.flower.client_app`).
 """
 
@@ -24,6 +24,8 @@ __all__ = [
     "SCAFFOLD_PENDING",
     "SCAFFOLD_RUN",
     "arrays_to_params",
+    "flat_of",
+    "flat_record",
     "params_to_arrays",
     "params_to_record",
     "record_to_params",
@@ -87,11 +89,11 @@ SCAFFOLD_PENDING = "scaffold-pending"
 SCAFFOLD_META = "scaffold-meta"
 
 
-def _flat_record(values: Tensor) -> ArrayRecord:
+def flat_record(values: Tensor) -> ArrayRecord:
     return ArrayRecord({"values": Array(values.detach().cpu().numpy().copy())})
 
 
-def _flat_of(record: ArrayRecord, numel: int) -> Tensor:
+def flat_of(record: ArrayRecord, numel: int) -> Tensor:
     values = np.asarray(record["values"].numpy(), dtype=np.float32).reshape(-1)
     if values.size != numel:
         raise ValueError(f"a SCAFFOLD control variate has {values.size} values, the model {numel}")

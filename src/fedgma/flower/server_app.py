@@ -36,8 +36,8 @@ from fedgma.flower.records import (
     SCAFFOLD_C,
     SCAFFOLD_COMMITTED,
     SCAFFOLD_RUN,
-    _flat_record,
     arrays_to_params,
+    flat_record,
     params_to_arrays,
     params_to_record,
     record_to_params,
@@ -183,7 +183,7 @@ class FedGMA(FedgmaStrategy):
             self.config.seed, server_round, self.config.data.num_clients, self.config.server.clients_per_round
         )
         online = set(grid.get_node_ids())  # the SuperLink lists the nodes it holds online (heartbeats)
-        control = _flat_record(self.state.client_algorithm.server_control) if self.scaffold else None
+        control = flat_record(self.state.client_algorithm.server_control) if self.scaffold else None
         messages = []
         self.unreachable = []
         for client_id in self.sampled:
@@ -400,7 +400,7 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
         return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
 
 
-def _start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
+def start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
     """Refuse a folder holding another config's results (unless ``overwrite``); clear an old run's files."""
     from fedgma import simulation
 
@@ -420,7 +420,7 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
     start_time = time.perf_counter()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _start_run_folder(out, config, overwrite)
+        start_run_folder(out, config, overwrite)
         atomic_write(out / "config.toml", config_to_toml(config).encode())
     if config.threads:
         torch.set_num_threads(config.threads)
