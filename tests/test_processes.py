@@ -40,7 +40,10 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigint_prints_how_to_resume_exits_130_and_keeps_the_checkpoint(tmp_path):
-    rounds = 60
+    # 200 rounds: about 10 s left after round 3, so a loaded machine that starves this test for a few seconds
+    # (the CI step ran beside other jobs once and the 60-round run finished before the signal) cannot let the run
+    # finish before it is interrupted
+    rounds = 200
     config_path = tmp_path / "digits.toml"
     config_path.write_text(config_to_toml(load_config(None, [*DIGITS, f"rounds={rounds}"])))
     run_dir = tmp_path / "run"
@@ -48,6 +51,7 @@ def test_sigint_prints_how_to_resume_exits_130_and_keeps_the_checkpoint(tmp_path
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: rounds_done(run_dir) >= 3, process)
+        assert process.poll() is None, "the run finished before it could be interrupted"
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
