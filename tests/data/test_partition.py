@@ -252,6 +252,7 @@ def test_partition_stats_values():
         (lambda: P.dirichlet(np.zeros(10, int), 2, float("nan")), "alpha"),
         (lambda: P.dirichlet(np.zeros((2, 5), int), 2, 1.0), "labels"),
         (lambda: P.dirichlet(np.array([0.5, 1.0]), 2, 1.0), "labels must be integers"),
+        (lambda: P.dirichlet(np.array([0.0, 1e30]), 2, 1.0), "labels must be integers within int64"),
         (lambda: P.dirichlet(np.zeros(10, int), 2, 1.0, min_size=6), "min_size"),
         (lambda: P.dirichlet(np.zeros(10, int), 2, 1.0, min_size=-1), "min_size"),
         (lambda: P.shards(np.arange(10), 2, 2), "classes_per_client"),

@@ -64,6 +64,8 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
         floating = np.issubdtype(labels.dtype, np.floating)
         if not floating or not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if np.any(np.abs(labels) >= 2.0**63):  # would wrap around when cast to int64
+            raise ValueError(f"labels must be integers within int64, got values up to {np.abs(labels).max():g}")
         labels = labels.astype(np.int64)
     return labels
 
