@@ -184,7 +184,7 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
                       linewidth=1, band=False)
             _band(ax_density, group.runs, "mask_density", "all coordinates", source="rounds", bounds=UNIT,
                   color="black", linewidth=2)
-            ax_density.set_title(f"{group_name(group)}: mask density", fontsize=9)
+            ax_density.set_title(textwrap.fill(f"{group_name(group)}: mask density", 70), fontsize=9)
             ax_density.set_ylabel("mean of mask")
             _band(ax_agree, group.runs, "agreement_mean", "mean agreement", source="rounds", bounds=UNIT)
             _band(ax_agree, group.runs, "mask_pass_fraction", "fraction with agreement ≥ τ", source="rounds",
