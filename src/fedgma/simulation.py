@@ -419,7 +419,7 @@ def summarize(config: Config, history: list[dict[str, Any]], total_steps: int, w
     ``validation_accuracy`` was highest (its round, validation and test accuracy): a best chosen on the
     test set would overstate the method (issue 15), so there is none.
     """
-    from fedgma.report.protocol import LAST_FRACTION, last_fraction_mean
+    from fedgma.report.protocol import LAST_FRACTION, best_on_validation, last_fraction_mean
 
     final = history[-1]
     accuracy_keys = [k for k in final if k.endswith("_accuracy")]
@@ -439,9 +439,8 @@ def summarize(config: Config, history: list[dict[str, Any]], total_steps: int, w
             continue
     if last:
         summary["last_20pct"] = last
-    validated = [r for r in history if r.get("validation_accuracy") is not None]
-    if validated:
-        best = max(validated, key=lambda r: r["validation_accuracy"])  # the earliest of ties
+    best = best_on_validation(history)
+    if best is not None:
         summary["best"] = {"round": best["round"], "validation_accuracy": best["validation_accuracy"],
                            "test_accuracy": best["test_accuracy"]}
     return {**summary, "total_local_steps": total_steps, "wall_s": wall_s, "status": "finished"}

@@ -15,7 +15,14 @@ from typing import Any
 from fedgma.config import flatten
 from fedgma.registry import AGGREGATORS
 from fedgma.report.configs import describe, format_value, identity, is_method_key, varying_keys
-from fedgma.report.protocol import LAST_FRACTION, LrChoice, curve_area, last_fraction_mean, select_lr
+from fedgma.report.protocol import (
+    LAST_FRACTION,
+    LrChoice,
+    best_on_validation,
+    curve_area,
+    last_fraction_mean,
+    select_lr,
+)
 from fedgma.report.runs import RunRecord
 
 __all__ = ["Group", "comparisons", "extra_accuracies", "make_groups", "method_label", "pair_groups", "setting_keys",
@@ -122,9 +129,8 @@ class Group:
         validation split are left out."""
         chosen = {}
         for run in self.runs:
-            records = [m for m in run.metrics if m.get("validation_accuracy") is not None and m.get(key) is not None]
-            if records:
-                best = max(records, key=lambda m: m["validation_accuracy"])  # max keeps the first of equals
+            best = best_on_validation(run.metrics, key)
+            if best is not None:
                 chosen[int(run.summary["seed"])] = float(best[key])
         return chosen
 

@@ -31,7 +31,8 @@ from typing import Any
 from fedgma.report.stats import rounds_to_target
 
 __all__ = [
-    "LAST_FRACTION", "LrChoice", "PairedDifference", "check_seeds", "curve_area", "holm", "holm_correct",
+    "LAST_FRACTION", "LrChoice", "PairedDifference", "best_on_validation", "check_seeds", "curve_area", "holm",
+    "holm_correct",
     "last_fraction_mean", "paired_difference", "rounds_to_target", "run_metrics", "select_lr",
 ]
 
@@ -79,6 +80,17 @@ def last_fraction_mean(metrics: Records, key: str = "test_accuracy", horizon: in
         raise ValueError(f"no evaluation of {key!r} in rounds ({start:g}, {horizon}] (evaluated: {rounds[-3:]}...); "
                          "evaluate more often (eval_every)")
     return statistics.fmean(window)
+
+
+def best_on_validation(metrics: Records, key: str = "test_accuracy") -> Mapping[str, Any] | None:
+    """The evaluation with the highest ``validation_accuracy`` among those that also hold ``key`` (the first
+    of equals): the only "best" the protocol allows, chosen on validation, never on the test set.
+
+    Returns:
+        That record of ``metrics``, or None when no evaluation holds both (no validation split).
+    """
+    records = [m for m in metrics if m.get("validation_accuracy") is not None and m.get(key) is not None]
+    return max(records, key=lambda m: m["validation_accuracy"]) if records else None  # max keeps the first
 
 
 def curve_area(metrics: Records, key: str = "test_accuracy", initial: float | None = None,
