@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedgma.aggregation import GMAAggregator, GMAOptions, Layer, Updates, _rows, gma_mask, register_aggregator
+from fedgma.accumulator import Updates, update_rows
+from fedgma.aggregation import GMAAggregator, GMAOptions, Layer, gma_mask, register_aggregator
 from fedgma.seeding import torch_generator
 
 __all__ = ["MaskAfterOptimizerAggregator", "MeanDensityScaledAggregator", "RandomMaskAggregator", "gma_random_mask",
@@ -165,7 +166,7 @@ class MaskAfterOptimizerAggregator(GMAAggregator):
 
 
 def _fold_all(aggregator: GMAAggregator, updates: Updates, weights: Sequence[float] | None) -> tuple[Tensor, dict]:
-    rows = list(_rows(updates))
+    rows = list(update_rows(updates))
     if weights is not None and len(weights) != len(rows):
         raise ValueError(f"got {len(rows)} updates but {len(weights)} weights")
     for k, row in enumerate(rows):

@@ -8,7 +8,8 @@ Every rule exists in two forms that give the same numbers:
   at a time with ``add(update, weight)`` and keeps O(d) state whatever K is, then ``result()``.
 
 The functions are thin wrappers over the aggregators, so the maths lives in one place. All state is
-sum-decomposable (sums of ``w·Δ`` and of signs), which keeps secure aggregation possible later.
+sum-decomposable (sums of ``w·Δ`` and of signs), which keeps secure aggregation possible. The running
+sums themselves (the admission checks, the chunked and compiled fold) are :mod:`fedgma.accumulator`'s.
 
 Precision: every float dtype is accepted (float16, bfloat16, float32, float64). The running sums
 are kept in the *accumulation dtype*: float32 for the 16-bit dtypes (whose range, 65504 for
@@ -24,10 +25,7 @@ weights (e.g. 5.2 and 2.2 in float32, or sample counts summing past 2^24).
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,9 +33,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from fedgma.accumulator import Accumulator, Updates, accumulation_dtype, all_finite, fold_into, update_rows
 from fedgma.registry import AGGREGATORS, NoOptions, Options
-
-from .native import FoldKernel, fold_kernel
 
 __all__ = [
     "Aggregator",
@@ -55,6 +52,7 @@ __all__ = [
 ]
 
 AGREEMENT_BINS = 10
+_Accumulator = Accumulator  # its name before fedgma.accumulator (docs/ARCHITECTURE.md named it as the base to extend)
 
 
 @dataclass(frozen=True)
@@ -74,21 +72,6 @@ class Aggregator(Protocol):
     def result(self) -> tuple[Tensor, dict[str, Any]]: ...
 
 
-# --------------------------------------------------------------------------------------------
-# Validation shared by every rule
-# --------------------------------------------------------------------------------------------
-
-
-def _check_weight(weight: float, index: int) -> float:
-    try:
-        w = float(weight)
-    except (TypeError, ValueError):
-        raise ValueError(f"client {index}: weight {weight!r} is not a number") from None
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"client {index}: weight must be a finite non-negative number, got {weight!r}")
-    return w
-
-
 def _check_threshold(threshold: float) -> float:
     t = float(threshold)
     if not (0.0 <= t <= 1.0):  # also rejects NaN
@@ -96,230 +79,12 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
-# Updates are folded in over chunks of the flat vector: each chunk of an update is read from memory
-# once and its weighted add and sign add then run on the cached chunk, and the sign of a chunk goes
-# to a chunk-sized scratch buffer instead of a d-sized one. Every operation is element-wise, so the
-# result depends neither on the chunk size nor on the thread count: the streaming and list forms
-# (the same per-element operations in the same client order) give bit-identical numbers. On the
-# PyTorch path a chunk is TORCH_CHUNK elements (the chunk's sums and scratch, 3 x 256 KiB at 2^16,
-# stay in the core's L2 cache); larger chunks fall out of L2, smaller ones pay PyTorch's per-call
-# overhead (3 calls per client and chunk). That is with one intra-op thread; with several, the
-# vector is split into contiguous runs, one per thread of a small pool, each folded in chunks of
-# CHUNK = ATen's grain size, so that every operation stays on its pool thread (see _torch_fold).
-# Float32 CPU updates take the compiled kernel of fedgma.native instead when it is enabled: the same
-# element-wise operations (same bits) in one loop, four clients per sweep over a cached block, over
-# the same runs.
-CHUNK = 32768
-TORCH_CHUNK = 1 << 16
-_MIN_CHUNKS_PER_THREAD = 8
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:  # noqa: SLF001
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedgma-aggregation")
-        return _POOL
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the running sums of updates of ``dtype`` are kept in: float32 for 16-bit floats, else ``dtype``."""
-    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
-
-
-def _all_finite(update: Tensor) -> bool:
-    """Whether every entry is finite: one reduction, no d-sized temporary (exact check only if the sum is not)."""
-    total = float(update.sum())
-    if math.isfinite(total):
-        return True  # a NaN or ±inf entry always makes the sum non-finite
-    return bool(torch.isfinite(update).all())  # the sum may have overflowed from finite entries
-
-
-def _fold_into(
-    weighted_sum: Tensor,
-    sign_sum: Tensor | None,
-    updates: Sequence[Tensor],
-    weights: Sequence[float],
-    sign_weights: Sequence[float],
-) -> None:
-    """``weighted_sum += Σ_k w_k Δ_k`` and ``sign_sum += Σ_k s_k sign(Δ_k)``, chunk by chunk.
-
-    The sums may have a wider dtype than the updates (the accumulation dtype); each term is then
-    formed in the sums' dtype.
-
-    Float32 CPU tensors go to the compiled kernel (``fedgma.native``) when it is available: the
-    same element-wise operations in the same order, so the same bits, in one pass.
-    """
-    numel = weighted_sum.numel()
-    kernel = _native_kernel(weighted_sum, sign_sum, updates)
-    if kernel is None:
-        _torch_fold(weighted_sum, sign_sum, updates, weights, sign_weights)
-        return
-    starts = list(range(0, numel, CHUNK))
-    native_fold = kernel.prepare(updates, weights, sign_weights)
-
-    def run(first: int, last: int) -> None:
-        native_fold(weighted_sum, sign_sum, starts[first] if first < len(starts) else numel,
-                    starts[last] if last < len(starts) else numel)
-
-    threads = min(torch.get_num_threads(), len(starts) // _MIN_CHUNKS_PER_THREAD)
-    if threads <= 1:
-        run(0, len(starts))
-        return
-    bounds = [len(starts) * i // threads for i in range(threads + 1)]
-    futures = [_thread_pool(threads).submit(run, bounds[i], bounds[i + 1]) for i in range(threads)]
-    for future in futures:
-        future.result()
-
-
-def _torch_fold(
-    weighted_sum: Tensor,
-    sign_sum: Tensor | None,
-    updates: Sequence[Tensor],
-    weights: Sequence[float],
-    sign_weights: Sequence[float],
-) -> None:
-    """The PyTorch path of :func:`_fold_into`: per chunk, per client, ``add_``, ``sign`` and ``add_``."""
-    numel = weighted_sum.numel()
-    cpu = weighted_sum.device.type == "cpu"
-    if not cpu:  # an accelerator: no cache to keep a chunk in, one call per client and sum
-        _fold_run(weighted_sum, sign_sum, updates, weights, sign_weights, 0, numel, max(numel, 1))
-        return
-    if torch.get_num_threads() == 1:  # operations run on this thread: chunks as large as L2 allows
-        _fold_run(weighted_sum, sign_sum, updates, weights, sign_weights, 0, numel, TORCH_CHUNK)
-        return
-    # Several threads: contiguous runs of chunks of at most ATen's grain size (32768), so that no
-    # operation opens an OpenMP region of its own from a pool thread (nested teams oversubscribe the
-    # cores, and under load every per-call barrier waits for a descheduled thread: measured 30x slower).
-    starts = list(range(0, numel, CHUNK))
-    threads = min(torch.get_num_threads(), len(starts) // _MIN_CHUNKS_PER_THREAD)
-    if threads <= 1:
-        _fold_run(weighted_sum, sign_sum, updates, weights, sign_weights, 0, numel, CHUNK)
-        return
-    bounds = [starts[len(starts) * i // threads] for i in range(threads)] + [numel]
-    futures = [_thread_pool(threads).submit(_fold_run, weighted_sum, sign_sum, updates, weights, sign_weights,
-                                            bounds[i], bounds[i + 1], CHUNK) for i in range(threads)]
-    for future in futures:
-        future.result()
-
-
-def _fold_run(
-    weighted_sum: Tensor,
-    sign_sum: Tensor | None,
-    updates: Sequence[Tensor],
-    weights: Sequence[float],
-    sign_weights: Sequence[float],
-    first: int,
-    last: int,
-    chunk: int,
-) -> None:
-    """Fold elements ``[first, last)`` of every update in, ``chunk`` elements at a time."""
-    scratch_all = None if sign_sum is None else torch.empty(min(chunk, last - first), dtype=updates[0].dtype,
-                                                            device=sign_sum.device)  # a sign is exact in any dtype
-    for start in range(first, last, chunk):
-        end = min(start + chunk, last)
-        total = weighted_sum[start:end]
-        if sign_sum is None:
-            for update, w in zip(updates, weights, strict=True):
-                total.add_(update[start:end], alpha=w)
-            continue
-        signs = sign_sum[start:end]
-        scratch = scratch_all[: end - start]  # type: ignore[index]
-        for update, w, sw in zip(updates, weights, sign_weights, strict=True):
-            part = update[start:end]
-            total.add_(part, alpha=w)
-            torch.sign(part, out=scratch)
-            signs.add_(scratch, alpha=sw)
-
-
-def _native_kernel(weighted_sum: Tensor, sign_sum: Tensor | None, updates: Sequence[Tensor]) -> FoldKernel | None:
-    """The compiled fold kernel if every tensor suits it (float32, CPU, contiguous), else None."""
-    tensors = [weighted_sum, *updates] + ([] if sign_sum is None else [sign_sum])
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return None
-    return fold_kernel()
-
-
-class _Accumulator:
-    """Shared bookkeeping of the streaming rules: shape/dtype checks, weights, client count."""
-
-    def __init__(self, check_finite: bool = True) -> None:
-        self.check_finite = check_finite
-        self.count = 0
-        self.total_weight = 0.0
-        self._shape: torch.Size | None = None
-        self._dtype: torch.dtype | None = None
-        self._accumulate: torch.dtype | None = None  # accumulation_dtype(self._dtype)
-
-    def _admit(self, update: Tensor, weight: float, check_finite: bool | None = None) -> float:
-        index = self.count
-        check_finite = self.check_finite if check_finite is None else check_finite
-        if not isinstance(update, Tensor):
-            raise ValueError(f"client {index}: update must be a torch.Tensor, got {type(update).__name__}")
-        if update.dim() != 1:
-            raise ValueError(
-                f"client {index}: update must be a 1-D tensor (flat parameter vector), "
-                f"got shape {tuple(update.shape)}"
-            )
-        if not update.is_floating_point():
-            raise ValueError(f"client {index}: update must be a floating-point tensor, got {update.dtype}")
-        if self._shape is None:
-            self._shape, self._dtype = update.shape, update.dtype
-            self._accumulate = accumulation_dtype(update.dtype)
-        elif update.shape != self._shape:
-            raise ValueError(
-                f"client {index}: update has shape {tuple(update.shape)}, "
-                f"expected {tuple(self._shape)} like client 0"
-            )
-        elif update.dtype != self._dtype:
-            raise ValueError(f"client {index}: update has dtype {update.dtype}, expected {self._dtype}")
-        if check_finite and not _all_finite(update):
-            raise ValueError(f"client {index}: update contains NaN or infinite values")
-        w = _check_weight(weight, index)
-        if w > torch.finfo(self._accumulate).max:  # it would become inf in the sums' precision
-            raise ValueError(f"client {index}: weight {weight!r} is too large for {update.dtype} updates "
-                             f"(summed in {self._accumulate}; use sample counts as weights)")
-        self.count += 1
-        self.total_weight += w
-        return w
-
-    def _check_sum(self, weighted_sum: Tensor) -> None:
-        """Finite updates and weights can still overflow the running sum; say so rather than return inf."""
-        if self.check_finite and not _all_finite(weighted_sum):
-            raise ValueError(
-                f"cannot aggregate: the weighted sum of the updates overflowed {weighted_sum.dtype} "
-                "(weights or updates too large; use sample counts as weights)"
-            )
-
-    def _zeros(self, update: Tensor) -> Tensor:
-        """A d-sized running sum in the accumulation dtype."""
-        return torch.zeros_like(update, dtype=self._accumulate)
-
-    def _check_ready(self) -> None:
-        if self.count == 0:
-            raise ValueError("cannot aggregate: no client update was added (empty list)")
-        if self.total_weight <= 0:
-            raise ValueError("cannot aggregate: the client weights sum to zero")
-        if self.total_weight < torch.finfo(self._accumulate).tiny:  # type: ignore[arg-type]
-            raise ValueError(
-                f"cannot aggregate: the client weights sum to {self.total_weight:g}, too small for "
-                f"{self._accumulate} (use sample counts as weights)"
-            )
-        if self.total_weight > torch.finfo(self._accumulate).max:  # type: ignore[arg-type]
-            raise ValueError(
-                f"cannot aggregate: the client weights sum to {self.total_weight:g}, too large for "
-                f"{self._accumulate} (use sample counts as weights)"
-            )
-
-
 # --------------------------------------------------------------------------------------------
 # Plain weighted averaging (FedAvg)
 # --------------------------------------------------------------------------------------------
 
 
-class MeanAggregator(_Accumulator):
+class MeanAggregator(Accumulator):
     """Weighted average Σ_k p_k Δ_k with p_k = n_k / Σ n_k (McMahan et al. 2017, FedAvg)."""
 
     name = "mean"
@@ -332,7 +97,7 @@ class MeanAggregator(_Accumulator):
         w = self._admit(update, weight)
         if self._weighted_sum is None:
             self._weighted_sum = self._zeros(update)
-        _fold_into(self._weighted_sum, None, [update], [w], [1.0])
+        fold_into(self._weighted_sum, None, [update], [w], [1.0])
 
     def average(self, _consume: bool = False) -> Tensor:
         self._check_ready()
@@ -373,7 +138,7 @@ def sign_agreement(sign_sum: Tensor, normaliser: float) -> Tensor:
     return sign_sum.abs().div_(normaliser).clamp_(max=1.0)  # abs() copies: sign_sum is left as it was
 
 
-class GMAAggregator(_Accumulator):
+class GMAAggregator(Accumulator):
     """Gradient Masked Averaging (Tenison et al., TMLR 2023, arXiv 2201.11986).
 
     Keeps two d-sized running sums, Σ n_k Δ_k and Σ sign(Δ_k) (or Σ n_k sign(Δ_k) with
@@ -417,7 +182,7 @@ class GMAAggregator(_Accumulator):
             self._weighted_sum = self._zeros(update)
             self._sign_sum = self._zeros(update)
         sign_weight = w if self.weighted_agreement else 1.0
-        _fold_into(self._weighted_sum, self._sign_sum, [update], [w], [sign_weight])
+        fold_into(self._weighted_sum, self._sign_sum, [update], [w], [sign_weight])
         self._add_sign_weights([sign_weight])
 
     def _add_sign_weights(self, sign_weights: Sequence[float]) -> None:
@@ -525,19 +290,6 @@ def _histogram(values: Tensor, chunk: int = 1 << 16) -> list[int]:
 # One-shot functions over all updates
 # --------------------------------------------------------------------------------------------
 
-Updates = Tensor | Sequence[Tensor]
-
-
-def _rows(updates: Updates) -> Iterable[Tensor]:
-    if isinstance(updates, Tensor):
-        if updates.dim() != 2:
-            raise ValueError(f"updates must be a 2-D tensor [K, d] or a list of 1-D tensors, "
-                             f"got a tensor of shape {tuple(updates.shape)}")
-        return updates.unbind(0)
-    if isinstance(updates, (str, bytes)) or not isinstance(updates, Sequence):
-        raise ValueError(f"updates must be a 2-D tensor or a sequence of 1-D tensors, got {type(updates).__name__}")
-    return updates
-
 
 def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights: Sequence[float] | None) -> None:
     """Fold all updates into ``aggregator`` at once: the same numbers as K ``add`` calls, one memory pass.
@@ -548,7 +300,7 @@ def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights:
     non-finite); only then are the updates scanned, in order, to name the first bad client, so the
     error raised is the one the streaming form would raise.
     """
-    rows = _rows(updates)
+    rows = update_rows(updates)
     rows = rows if isinstance(rows, Sequence) else list(rows)
     if weights is not None:
         weights = list(weights)
@@ -580,11 +332,11 @@ def _fold(aggregator: MeanAggregator | GMAAggregator, updates: Updates, weights:
     if isinstance(aggregator, GMAAggregator):
         aggregator._sign_sum = aggregator._zeros(first)
         sign_weights = admitted if aggregator.weighted_agreement else [1.0] * len(rows)
-        _fold_into(aggregator._weighted_sum, aggregator._sign_sum, rows, admitted, sign_weights)
+        fold_into(aggregator._weighted_sum, aggregator._sign_sum, rows, admitted, sign_weights)
         aggregator._add_sign_weights(sign_weights)
     else:
-        _fold_into(aggregator._weighted_sum, None, rows, admitted, [1.0] * len(rows))
-    if check and not _all_finite(aggregator._weighted_sum):
+        fold_into(aggregator._weighted_sum, None, rows, admitted, [1.0] * len(rows))
+    if check and not all_finite(aggregator._weighted_sum):
         raise_first_non_finite(len(rows))
         aggregator._check_ready()  # no bad update: the sum overflowed; the errors result() would raise, in order
         aggregator._check_sum(aggregator._weighted_sum)

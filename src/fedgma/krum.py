@@ -25,7 +25,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedgma.aggregation import Layer, Updates, _Accumulator, _rows, mean, register_aggregator
+from fedgma.accumulator import Accumulator, Updates, update_rows
+from fedgma.aggregation import Layer, mean, register_aggregator
 from fedgma.registry import Options
 
 __all__ = ["KrumAggregator", "KrumOptions", "krum", "krum_scores"]
@@ -86,7 +87,7 @@ def _ranking(scores: Tensor, updates: Sequence[Tensor]) -> list[int]:
     return sorted(range(len(updates)), key=functools.cmp_to_key(compare))
 
 
-class KrumAggregator(_Accumulator):
+class KrumAggregator(Accumulator):
     """Krum (``num_selected`` = 1) and Multi-Krum (m > 1), Blanchard et al. 2017.
 
     ``add`` keeps a copy of every update, so memory is O(K·d) for K clients (like ``median``);
@@ -164,7 +165,7 @@ def krum(updates: Updates, weights: Sequence[float] | None = None, num_byzantine
     Raises:
         ValueError: a bad update or weight (naming the client), K ≤ 2f + 2, or m > K.
     """
-    rows = list(_rows(updates))
+    rows = list(update_rows(updates))
     if weights is not None and len(weights) != len(rows):
         raise ValueError(f"got {len(rows)} updates but {len(weights)} weights")
     aggregator = KrumAggregator(num_byzantine, num_selected)

@@ -25,7 +25,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedgma.aggregation import Aggregator, Layer, _Accumulator, register_aggregator
+from fedgma.accumulator import Accumulator
+from fedgma.aggregation import Aggregator, Layer, register_aggregator
 from fedgma.registry import Options
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 
-class _Buffered(_Accumulator):
+class _Buffered(Accumulator):
     """Keeps a copy of every admitted update; subclasses reduce the sorted [K, d] stack."""
 
     name = "buffered"
