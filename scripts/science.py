@@ -189,8 +189,10 @@ def report(out: Path, to: Path) -> int:
         print(f"science report: no evaluation runs under {out / 'full'}; run the full stage first", file=sys.stderr)
         return 1
     to.mkdir(parents=True, exist_ok=True)
-    subprocess.run([fedgma, "report", *map(str, evaluation), "--out", str(to)], check=True)
-    subprocess.run([fedgma, "report", *map(str, tuning), "--out", str(to / "tuning")], check=True)
+    subprocess.run([fedgma, "report", *map(str, evaluation), "--out", str(to),
+                    "--title", f"science suite, evaluation seeds ({len(evaluation)} points and methods)"], check=True)
+    subprocess.run([fedgma, "report", *map(str, tuning), "--out", str(to / "tuning"),
+                    "--title", f"science suite, tuning seeds ({len(tuning)} points and methods)"], check=True)
     rows = lr_rows(out)
     with (to / "lr_choices.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["stage", "study", "point", "method", "lr", "on_edge", "scores"])

@@ -178,14 +178,23 @@ def test_several_runs_folders_make_one_report(tmp_path: Path) -> None:
     for seed in (100, 101):  # tuning seeds: must not be scored
         write_run(study / "gma" / "tuning" / f"lr=2_seed{seed}", seed=seed, aggregator="gma", lr=2.0, test=[0.1, 0.1])
     folders = [str(study / "mean" / "evaluation"), str(study / "gma" / "evaluation")]
-    result = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "out")])
+    import fedgma.report.write as write
+
+    with mock.patch.object(write, "plot_curves", wraps=write.plot_curves) as curves:
+        result = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+    assert curves.call_args.args[2] == "study (2 runs folders)"  # the figures' title
     assert "report: 6 finished runs in 2 configurations" in result.output
     (row,) = read_csv(tmp_path / "out" / "gains.csv")
     assert (row["method"], row["seeds"], row["lr_method"], row["lr_baseline"]) == ("gma", "3", "2.0", "1.0")
     assert float(row["difference"]) == pytest.approx(0.021)  # 0.02 + 0.001 · mean(0, 1, 2)
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"`{folders[0]}`" in report and f"`{folders[1]}`" in report
+    assert report.startswith("# Report: study (2 runs folders)\n")  # named by the folder holding them all
+    named = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "named"), "--title", "τ study"])
+    assert named.exit_code == 0, named.output
+    assert (tmp_path / "named" / "report.md").read_text().startswith("# Report: τ study\n")
+    assert "<title>Report: τ study</title>" in (tmp_path / "named" / "report.html").read_text()
     # the one-folder form still works; several folders need --out; a run read twice is refused
     assert CliRunner().invoke(main, ["report", folders[0]]).exit_code == 0
     refused = CliRunner().invoke(main, ["report", *folders])

@@ -324,9 +324,10 @@ def _tuned_sweep(config_path: str, grid: list[Any], overrides: tuple[str, ...], 
 @click.option("--target-fraction", default=0.95, show_default=True,
               help="Rounds-to-target: target = this × plain averaging's test accuracy (last fraction, same setting).")
 @click.option("--target", type=float, help="An absolute target accuracy for every row instead (e.g. 0.8).")
+@click.option("--title", help="The report's name in its heading and figures (default: from the folders' names).")
 @_user_errors
 def report(runs_dirs: tuple[str, ...], out: str | None, last_fraction: float, target_fraction: float,
-           target: float | None) -> None:
+           target: float | None, title: str | None) -> None:
     """Tables (Markdown, CSV) and plots from the run folders under RUNS_DIR (one folder or several,
     e.g. only the evaluation folders of a study, not its tuning runs).
 
@@ -342,7 +343,7 @@ def report(runs_dirs: tuple[str, ...], out: str | None, last_fraction: float, ta
     """
     from fedgma.report import gains_markdown, write_report
 
-    result = write_report(list(runs_dirs), out, target_fraction, target, last_fraction)
+    result = write_report(list(runs_dirs), out, target_fraction, target, last_fraction, title)
     incomplete = result["incomplete"]
     click.echo(f"report: {_plural(len(result['runs']), 'finished run')} in "
                f"{_plural(len(result['rows']), 'configuration')}, {_plural(len(result['figures']), 'plot')}, "

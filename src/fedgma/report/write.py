@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ def plural(count: int, noun: str, plural_form: str | None = None) -> str:
     return f"{count} {noun if count == 1 else (plural_form or noun + 's')}"
 
 
+def _shared_name(roots: Sequence[Path]) -> str:
+    """``<name> (N runs folders)`` with the name of the deepest folder holding them all, or ``N runs folders``."""
+    shared = Path(os.path.commonpath([root.resolve() for root in roots]))
+    return f"{shared.name} ({len(roots)} runs folders)" if shared.name else f"{len(roots)} runs folders"
+
+
 def _slug(text: str) -> str:
     keep = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in text)
     return "_".join(part for part in keep.split("_") if part) or "runs"
@@ -43,7 +50,7 @@ def _slug(text: str) -> str:
 
 def write_report(
     roots: str | Path | Sequence[str | Path], out: str | Path | None = None, target_fraction: float = 0.95,
-    target: float | None = None, fraction: float = LAST_FRACTION,
+    target: float | None = None, fraction: float = LAST_FRACTION, title: str | None = None,
 ) -> dict[str, Any]:
     """Read every run under ``roots`` (one folder or several, e.g. the evaluation folders of a study, whose
     tuning runs are left out) and write tables (Markdown, CSV), plots, ``report.md`` and ``report.html`` to
@@ -57,7 +64,9 @@ def write_report(
     (:func:`~fedgma.report.protocol.select_lr`). Every method is compared with plain averaging in the same
     setting (gains.md/.csv: paired differences, 95% t-interval, p, Holm's p across each table). Runs
     without a summary are counted: ``diverged`` (``diverged.json``), ``failed`` (``error.txt``) and
-    ``unfinished``.
+    ``unfinished``. ``title`` names the report in its heading and figures (default: the folder as given in
+    the heading and its name in the figures; for several folders, the name of the deepest folder holding
+    them all, with their count).
 
     Returns ``{"rows", "gains", "out", "figures", "diverged", "incomplete", "runs", "swept", "lr_choices"}``.
 
@@ -111,7 +120,8 @@ def write_report(
     write_csv(out / "gains.csv", gains, GAIN_COLUMNS)
     (out / "server_lr_selection.json").write_text(json.dumps(choices, indent=2, ensure_ascii=False))
 
-    title = roots[0].resolve().name if len(roots) == 1 else f"{len(roots)} runs folders"
+    heading = title or (str(roots[0]) if len(roots) == 1 else _shared_name(roots))
+    title = title or (roots[0].resolve().name if len(roots) == 1 else heading)
     figures: list[tuple[Path, str]] = []
     gain_map = plot_gain_map(gains, plots / "gain_map.png")
     if gain_map:
@@ -173,7 +183,7 @@ def write_report(
         return str(path)
 
     folders = "" if len(roots) == 1 else "Folders: " + ", ".join(f"`{r}`" for r in roots) + "."
-    lines = [f"# Report: {roots[0] if len(roots) == 1 else title}", "", counts, "", *([folders, ""] if folders else []),
+    lines = [f"# Report: {heading}", "", counts, "", *([folders, ""] if folders else []),
              compared, "", protocol, ""]
     if gains:
         lines += ["## Comparisons with plain averaging", "", gains_text, "",
@@ -212,7 +222,7 @@ def write_report(
             ["run", "status", "error"], [[shown(r["path"]), r["status"], r["error"]] for r in not_done],
             table_class="incomplete")))
     sections.append(("Plots", "\n".join(figure_html(p, caption) for p, caption in figures if p != gain_map)))
-    (out / "report.html").write_text(page(f"Report: {roots[0] if len(roots) == 1 else title}", sections, counts))
+    (out / "report.html").write_text(page(f"Report: {heading}", sections, counts))
     return {"rows": rows, "gains": gains, "out": out, "figures": [p for p, _ in figures], "diverged": diverged,
             "incomplete": incomplete, "runs": runs, "swept": swept, "lr_choices": choices}
 
