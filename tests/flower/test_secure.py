@@ -139,6 +139,7 @@ def test_bad_inputs_are_named():
 # --------------------------------------------------------------------------------------------
 
 DROPPER, DROP_ROUND = 3, 2
+DROPS = {DROP_ROUND: {DROPPER}}  # round -> the clients that drop out after sharing their keys
 RECORDED: list[dict] = []
 
 
@@ -153,7 +154,7 @@ def _client_app():
 
         def fit(self, parameters, config):
             rnd = int(config["round"])
-            if self.pid == DROPPER and rnd == DROP_ROUND:
+            if self.pid in DROPS.get(rnd, ()):
                 raise RuntimeError("client drops out after sharing its keys")
             delta = client_update(self.pid, rnd)
             return [p + d for p, d in zip(parameters, delta, strict=True)], num_examples(self.pid), {}
@@ -162,7 +163,7 @@ def _client_app():
                      mods=[fedgma_secaggplus_mod])
 
 
-def _server_app():
+def _server_app(num_rounds: int = 2):
     from flwr.server import ServerApp
 
     from fedgma.flower.secure import run_secure
@@ -186,7 +187,7 @@ def _server_app():
                              optimizer_options={"lr": 0.01}, update_bound=0.5, max_examples=1000, max_clients=5,
                              initial_parameters=ndarrays_to_parameters(initial()), min_fit_clients=5,
                              min_available_clients=5, fraction_evaluate=0.0, on_fit_config_fn=lambda r: {"round": r})
-        run_secure(grid, context, strategy, num_rounds=2, num_shares=5, reconstruction_threshold=3)
+        run_secure(grid, context, strategy, num_rounds=num_rounds, num_shares=5, reconstruction_threshold=3)
 
     return app
 
@@ -197,6 +198,8 @@ def test_secure_gma_on_flowers_runtime_equals_plaintext_gma_and_survives_one_dro
     from fedgma.server_opt import make_server_optimizer
 
     RECORDED.clear()
+    DROPS.clear()
+    DROPS[DROP_ROUND] = {DROPPER}
     simulate(_server_app(), _client_app(), num_supernodes=5)
     assert [r["nodes"] for r in RECORDED] == [5, 5]
     assert [(r["num_clients"], r["num_dropped"]) for r in RECORDED] == [(5, 0), (4, 1)]
@@ -218,6 +221,32 @@ def test_secure_gma_on_flowers_runtime_equals_plaintext_gma_and_survives_one_dro
         secure_new = torch.cat([torch.from_numpy(a).ravel() for a in record["new"]])
         assert (secure_new - plain_new).abs().max().item() <= 1e-5  # adam divides by sqrt(v): ~lr·error/τ
         theta = record["new"]
+
+
+def test_a_round_with_fewer_survivors_than_the_reconstruction_threshold_is_skipped_and_the_next_one_runs():
+    """3 of 5 clients drop out in round 2; 2 survivors < reconstruction_threshold = 3: SecAgg+ cannot unmask,
+    so round 2 leaves the model as it was (no aggregate is computed from a partial sum) and round 3 runs
+    with all 5 clients from that same model."""
+    from flower_sim import simulate  # beside this file (rootdir conftest puts it on sys.path)
+
+    RECORDED.clear()
+    DROPS.clear()
+    DROPS[2] = {1, 3, 4}
+    try:
+        simulate(_server_app(num_rounds=3), _client_app(), num_supernodes=5)
+    finally:
+        DROPS.clear()
+        DROPS[DROP_ROUND] = {DROPPER}
+    assert [r["nodes"] for r in RECORDED] == [5, 5, 5]
+    assert "aggregate" in RECORDED[0] and "aggregate" not in RECORDED[1]  # round 2: aggregate_fit never ran
+    assert [(r.get("num_clients"), r.get("num_dropped")) for r in RECORDED] == [(5, 0), (None, None), (5, 0)]
+    after_round_1 = np.concatenate([a.ravel() for a in RECORDED[0]["new"]])
+    for later in RECORDED[1:]:  # rounds 2 and 3 start from round 1's model: round 2 changed nothing
+        np.testing.assert_array_equal(np.concatenate([a.ravel() for a in later["theta"]]), after_round_1)
+    expected, _ = plaintext(RECORDED[2]["theta"], [client_update(p, 3) for p in range(5)],
+                            [num_examples(p) for p in range(5)], 0.4, True)
+    bound = update_error_bound(0.5, 1024, 5, sum(num_examples(p) for p in range(5)), quantization_range_for(5))
+    assert (RECORDED[2]["aggregate"] - expected).abs().max().item() <= bound + 2e-7 * expected.abs().max().item()
 
 
 # --------------------------------------------------------------------------------------------
