@@ -164,8 +164,10 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
         for group in sorted(groups, key=lambda g: g.threshold or 0):
             _band(axes[0][0], group.runs, "mask_density", f"τ={group.threshold:g}", source="rounds", bounds=UNIT)
             _band(axes[0][1], group.runs, "mask_pass_fraction", f"τ={group.threshold:g}", source="rounds", bounds=UNIT)
-        axes[0][0].set_ylabel("mask density (mean of mask)")
-        axes[0][1].set_ylabel("fraction of coordinates with agreement ≥ τ")
+        axes[0][0].set_title("mask density (mean of the mask)", fontsize=9)
+        axes[0][0].set_ylabel("mask density")
+        axes[0][1].set_title("pass rate: fraction of coordinates with agreement ≥ τ", fontsize=9)
+        axes[0][1].set_ylabel("fraction of coordinates")
         for ax in axes[0]:
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
