@@ -194,6 +194,8 @@ def test_several_runs_folders_make_one_report(tmp_path: Path) -> None:
     named = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "named"), "--title", "τ study"])
     assert named.exit_code == 0, named.output
     assert (tmp_path / "named" / "report.md").read_text().startswith("# Report: τ study\n")
+    dollars = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "dollars"), "--title", "$\\frac{$"])
+    assert dollars.exit_code == 0, dollars.output  # a pair of $ is text in the figures, not a formula to parse
     assert "<title>Report: τ study</title>" in (tmp_path / "named" / "report.html").read_text()
     # the one-folder form still works; several folders need --out; a run read twice is refused
     assert CliRunner().invoke(main, ["report", folders[0]]).exit_code == 0

@@ -3,17 +3,22 @@ over plain averaging, and the map of GMA's gain over the settings."""
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fedgma.report.configs import format_value, readable_name
 from fedgma.report.groups import Group, extra_accuracies
 from fedgma.report.runs import RunRecord
 from fedgma.report.stats import mean_std, t_quantile
 from fedgma.report.tables import number
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: The range of a fraction (mask density, agreement): intervals are cut to it.
 UNIT = (0.0, 1.0)
@@ -28,6 +33,20 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _literal_text(plot: Callable[P, R]) -> Callable[P, R]:
+    """Draw ``plot``'s figure with mathtext off: its titles and labels hold --title, folder names and config
+    values, in which a pair of ``$`` is text (``$\\frac{$`` would otherwise stop the report with a parse error)."""
+
+    @functools.wraps(plot)
+    def draw(*args: P.args, **kwargs: P.kwargs) -> R:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return draw
 
 
 def _series(runs: list[RunRecord], key: str, source: str = "metrics") -> tuple[list[int], list[float], list[float]]:
@@ -78,6 +97,7 @@ def _seeds_text(groups: list[Group]) -> str:
     return f"mean and 95% t-interval over {shown} seeds"
 
 
+@_literal_text
 def plot_curves(groups: list[Group], path: Path, title: str) -> Path | None:
     """Accuracy versus round for every selected configuration, one panel per setting (and per accuracy:
     test, then out-of-distribution ones), one line per method with its 95% interval over seeds shaded.
@@ -126,7 +146,9 @@ def plot_curves(groups: list[Group], path: Path, title: str) -> Path | None:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color=colours[label], linewidth=2) for label in labels]
     fig.legend(handles, labels, loc="outside lower center", ncols=per_row, fontsize=8, frameon=False)
-    fig.suptitle(f"{title}: accuracy vs round ({_seeds_text(groups)})", fontsize=11, wrap=True)
+    # wrapped here, not with wrap=True: matplotlib measures wrapped text as mathtext whatever parse_math says
+    suptitle = textwrap.fill(f"{title}: accuracy vs round ({_seeds_text(groups)})", int(width / 0.09))  # 11 pt
+    fig.suptitle(suptitle, fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -149,6 +171,7 @@ def _mean_histogram(runs: list[RunRecord], key: str) -> list[float]:
     return [c / norm for c in total] if norm else []
 
 
+@_literal_text
 def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
     """GMA's mask over rounds: density (all coordinates and per layer), mean agreement, and the histogram
     of agreement per layer (over all rounds and seeds, with τ marked). One row per GMA configuration."""
@@ -172,7 +195,8 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
-        fig.suptitle(f"{title}: GMA mask over rounds (mean and 95% interval over seeds)", fontsize=11)
+        fig.suptitle(textwrap.fill(f"{title}: GMA mask over rounds (mean and 95% interval over seeds)", 120),
+                     fontsize=11)  # 11 in wide
     else:
         groups = sorted(groups, key=lambda g: (g.algorithm, g.threshold or 0))
         fig, axes = plt.subplots(len(groups), 3, figsize=(14, 4.4 * len(groups)), squeeze=False,
@@ -208,7 +232,8 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
             for ax in (ax_density, ax_agree, ax_hist):
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
-        fig.suptitle(f"{title}: GMA mask statistics (mean and 95% interval over seeds)", fontsize=11)
+        fig.suptitle(textwrap.fill(f"{title}: GMA mask statistics (mean and 95% interval over seeds)", 155),
+                     fontsize=11)  # 14 in wide
     if sweep:
         fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -232,6 +257,7 @@ def layer_names(layers: list[str]) -> dict[str, str]:
     return names
 
 
+@_literal_text
 def plot_tau(family: list[Group], base: Group | None, path: Path, title: str) -> Path:
     """Test accuracy over the last 20% of rounds (and at the best validation accuracy, where there is a
     validation split) versus GMA's threshold τ, mean ± std over seeds."""
@@ -274,6 +300,7 @@ def _seed_range(rows: list[dict[str, Any]]) -> str:
     return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
 
 
+@_literal_text
 def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Every method − plain averaging in accuracy points per setting (one row each) and method (one marker
     each), with the 95% interval over paired seeds as an error bar (none below two seeds), one panel per
@@ -422,6 +449,7 @@ def _sort_value(value: Any) -> tuple:
     return (1, 0.0, format_value(value))
 
 
+@_literal_text
 def plot_gain_map(rows: list[dict[str, Any]], path: Path, method: str = "gma") -> Path | None:
     """The map of GMA's gain: ``method`` − plain averaging in test-accuracy points (over the last 20% of
     rounds), a point with its 95% interval per setting, laid out by up to three of the settings' varying
