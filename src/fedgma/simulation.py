@@ -389,7 +389,7 @@ def _clear_run(run_dir: Path) -> None:
     for _, path in list_checkpoints(run_dir):
         path.unlink()
     shutil.rmtree(run_dir / "controls", ignore_errors=True)  # SCAFFOLD's spilled c_i of an earlier run
-    for name in ("metrics.jsonl", "rounds.jsonl"):
+    for name in ("metrics.jsonl", "rounds.jsonl", "error.txt"):  # error.txt: an earlier attempt's failure
         (run_dir / name).unlink(missing_ok=True)
 
 

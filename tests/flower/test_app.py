@@ -190,3 +190,33 @@ def test_serve_writes_final_files_atomically_and_holds_the_lock(config_path, tmp
     assert final_files_problem(out) is None
     with lock_folder(out, "probe"):  # released at the end
         pass
+
+
+def test_a_serverapp_failure_is_recorded_in_its_run_folder_and_another_runs_folder_is_left_alone(
+        config_path, tmp_path, monkeypatch):
+    """``flwr run`` exits 0 whatever the ServerApp raised, so the ServerApp records a failure in the run folder
+    it claimed (error.txt, as a failed sweep run), where ``fedgma report`` counts it; a folder it refused
+    (another config's finished run) gets nothing."""
+    from fedgma.checkpoint import RunFolderError
+    from fedgma.flower import server_app as server_module
+    from fedgma.report.runs import find_incomplete
+
+    config = load_config(config_path, ["engine=flower"])
+
+    def no_data(config):
+        raise OSError("dataset unreadable: disk gone")
+
+    monkeypatch.setattr(server_module, "build_data", no_data)
+    out = tmp_path / "failed"
+    with pytest.raises(OSError, match="disk gone"):
+        server_module.serve(None, config, out)  # fails before any message goes to the grid
+    (failed,) = find_incomplete(out)
+    assert failed == {"path": out, "status": "failed", "error": "OSError: dataset unreadable: disk gone"}
+    assert (out / "config.toml").is_file() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+
+    other = tmp_path / "other"
+    run_fedgma(load_config(config_path, ["seed=4"]), other, progress=False)
+    with pytest.raises(RunFolderError):
+        server_module.serve(None, config, other)
+    assert not (other / "error.txt").exists() and (other / "summary.json").is_file()

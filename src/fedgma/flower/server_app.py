@@ -395,9 +395,28 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     """
     out = Path(run_dir) if run_dir else None
     if out is None or not lock:
-        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
+        return _serve_recording_failure(grid, config, out, progress, round_timeout, overwrite, strategy_options,
+                                        secure)
     with lock_folder(out, "run"):
-        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
+        return _serve_recording_failure(grid, config, out, progress, round_timeout, overwrite, strategy_options,
+                                        secure)
+
+
+def _serve_recording_failure(grid: Grid, config: Config, out: Path | None, *args: Any) -> dict[str, Any]:
+    """:func:`_serve`; if it fails once the run folder is this run's, the traceback goes to ``error.txt`` there
+    (as a failed sweep run's: ``fedgma report`` then counts the folder as failed, with the error's last line).
+    ``flwr run`` exits 0 whatever the ServerApp raised (flwr 1.41), so the folder is where a failure shows."""
+    claimed: list[Path] = []
+    try:
+        return _serve(grid, config, out, *args, claimed=claimed)
+    except Exception:
+        if claimed:
+            import traceback
+
+            from fedgma.sweep import FAILED
+
+            atomic_write(claimed[0] / FAILED, traceback.format_exc().encode())
+        raise
 
 
 def start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
@@ -410,7 +429,8 @@ def start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
 
 
 def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_timeout: float,
-           overwrite: bool, strategy_options: dict[str, Any], secure: SecureSettings | None = None) -> dict[str, Any]:
+           overwrite: bool, strategy_options: dict[str, Any], secure: SecureSettings | None = None,
+           claimed: list[Path] | None = None) -> dict[str, Any]:
     from fedgma import simulation
 
     check_supported(config)
@@ -421,6 +441,8 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         start_run_folder(out, config, overwrite)
+        if claimed is not None:
+            claimed.append(out)  # the folder is this run's from here: a failure is recorded in it
         atomic_write(out / "config.toml", config_to_toml(config).encode())
     if config.threads:
         torch.set_num_threads(config.threads)
