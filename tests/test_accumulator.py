@@ -36,7 +36,7 @@ def test_fold_gives_the_plain_loops_bits_for_any_chunk_and_thread_count(monkeypa
     d = 70_001  # not a multiple of any chunk; with CHUNK = 7 (below) every thread gets several runs
     updates = [(torch.randn(d, generator=generator) * 3).to(dtype) for _ in range(5)]
     updates[2][:100] = 0.0  # sign(0) = 0
-    weights, sign_weights = [3.0, 1.0, 0.5, 7.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]
+    weights, sign_weights = [3.0, 1.0, 0.5, 7.0, 2.0], [1.0, 2.0, 0.5, 1.0, 3.0]  # sign weights: not all 1
     monkeypatch.setattr(accumulator, "TORCH_CHUNK", chunk)
     monkeypatch.setattr(accumulator, "CHUNK", max(chunk, 7))
     previous = torch.get_num_threads()

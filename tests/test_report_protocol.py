@@ -197,6 +197,12 @@ def test_several_runs_folders_make_one_report(tmp_path: Path) -> None:
     dollars = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "dollars"), "--title", "$\\frac{$"])
     assert dollars.exit_code == 0, dollars.output  # a pair of $ is text in the figures, not a formula to parse
     assert "<title>Report: τ study</title>" in (tmp_path / "named" / "report.html").read_text()
+    lines = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "lines"), "--title", "τ\n study "])
+    assert lines.exit_code == 0, lines.output  # one line: a newline would end the Markdown heading
+    assert (tmp_path / "lines" / "report.md").read_text().startswith("# Report: τ study\n\n")
+    blank = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "blank"), "--title", " "])
+    assert blank.exit_code == 0, blank.output  # a blank title: the default
+    assert (tmp_path / "blank" / "report.md").read_text().startswith("# Report: study (2 runs folders)\n")
     # the one-folder form still works; several folders need --out; a run read twice is refused
     assert CliRunner().invoke(main, ["report", folders[0]]).exit_code == 0
     refused = CliRunner().invoke(main, ["report", *folders])

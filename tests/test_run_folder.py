@@ -186,7 +186,9 @@ def test_a_finished_run_of_another_config_is_replaced_only_with_overwrite(tmp_pa
                                  "0.1 planned); use another --out, or --overwrite to replace it")
     assert (tmp_path / "summary.json").read_bytes() == before
     simulation.run(load_config(None, DIGITS), tmp_path, progress=False, data=digits_data)  # same config: a rerun
+    (tmp_path / "error.txt").write_text("RuntimeError: an earlier attempt failed\n")
     simulation.run(other, tmp_path, progress=False, data=digits_data, overwrite=True)
+    assert not (tmp_path / "error.txt").exists()  # a fresh start clears an earlier attempt's failure
     assert read_json(tmp_path / "summary.json")["final"] != json.loads(before)["final"]
     assert "lr = 0.1" in (tmp_path / "config.toml").read_text()
 

@@ -31,6 +31,11 @@ __all__ = ["Accumulator", "Updates", "accumulation_dtype", "all_finite", "check_
 
 
 def check_weight(weight: float, index: int) -> float:
+    """``weight`` as a float, for client ``index``.
+
+    Raises:
+        ValueError: naming client ``index``, if ``weight`` is not a number or not finite and non-negative.
+    """
     try:
         w = float(weight)
     except (TypeError, ValueError):
@@ -187,7 +192,13 @@ def _native_kernel(weighted_sum: Tensor, sign_sum: Tensor | None, updates: Seque
 
 
 class Accumulator:
-    """Shared bookkeeping of the streaming rules: shape/dtype checks, weights, client count."""
+    """Shared bookkeeping of the streaming rules: shape/dtype checks, weights, client count.
+
+    A rule subclasses it and calls ``_admit(update, weight)`` in ``add`` (update: a 1-D float tensor [d];
+    returns the weight as a float; raises ValueError naming the client for a bad update or weight) and
+    ``_check_ready()`` in ``result`` (raises ValueError for an empty round, or a total weight that is zero or
+    out of the accumulation dtype's range).
+    """
 
     def __init__(self, check_finite: bool = True) -> None:
         self.check_finite = check_finite
@@ -258,11 +269,15 @@ class Accumulator:
             )
 
 
-
 Updates = Tensor | Sequence[Tensor]
 
 
 def update_rows(updates: Updates) -> Iterable[Tensor]:
+    """The K updates as rows: a [K, d] tensor's K rows (views), or the sequence itself (not checked further).
+
+    Raises:
+        ValueError: a tensor that is not 2-D, or an object that is not a sequence (a string included).
+    """
     if isinstance(updates, Tensor):
         if updates.dim() != 2:
             raise ValueError(f"updates must be a 2-D tensor [K, d] or a list of 1-D tensors, "

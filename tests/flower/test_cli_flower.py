@@ -139,3 +139,26 @@ def test_the_one_run_app_carries_the_whole_config(config_path, tmp_path):
     # dotted keys still override the TOML (flwr run --run-config)
     changed, _ = config_from_run_config({**run_config, "rounds": 7})
     assert changed.rounds == 7
+
+
+def test_bad_data_found_by_the_serverapp_is_the_simulators_one_line_error(tmp_path):
+    """The launcher checks the config, not the data: a data file with a NaN fails in the ServerApp, which
+    records its traceback in the run folder (error.txt); `fedgma run` then says what is wrong in one line,
+    as the simulator does for the same file, exit code 2."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 4)).astype(np.float32)
+    x[5, 3] = np.nan
+    np.savez(tmp_path / "bad.npz", x=x, y=rng.integers(0, 3, 60))
+    config = tmp_path / "bad.toml"
+    dataset = f'dataset = {{ name = "npz", path = "{tmp_path / "bad.npz"}" }}'
+    config.write_text(CONFIG.replace('dataset = "digits"', dataset).replace("min_size = 5", "min_size = 2"))
+    expected = f"{tmp_path / 'bad.npz'}: x record 5 has a non-finite value (nan); inputs must be finite"
+    simulator = _fedgma("run", str(config), "--out", str(tmp_path / "sim"), "--quiet")
+    assert (simulator.returncode, simulator.stderr.strip()) == (2, f"Error: {expected}")
+    out = tmp_path / "flower"
+    result = _fedgma("run", str(config), "--engine", "flower", "--out", str(out), "--quiet")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"Error: {expected} (the Flower ServerApp's traceback: {out / 'error.txt'})"
+    assert "DatasetError" in (out / "error.txt").read_text() and not (out / "summary.json").exists()

@@ -26,9 +26,14 @@ import tomli_w
 
 from fedgma.checkpoint import lock_folder, read_json
 from fedgma.config import Config, ConfigError, config_to_toml
+from fedgma.data.datasets import DatasetError
 from fedgma.flower.run_config import EXPERIMENT_KEY, SecureSettings, check_secure_supported, check_supported
 from fedgma.flower.server_app import start_run_folder
 from fedgma.progress import ProgressBar
+
+# errors the ServerApp raises on bad input, by the name its traceback's last line gives them
+_INPUT_ERRORS: dict[str, type[Exception]] = {"fedgma.data.datasets.DatasetError": DatasetError,
+                                             "fedgma.config.ConfigError": ConfigError}
 
 __all__ = ["LocalSuperLink", "flower_app_files", "run_flower"]
 
@@ -233,6 +238,14 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
                 bar.close()
                 superlink.close()
     summary_path = run_dir / "summary.json"
+    failure = run_dir / "error.txt"  # the ServerApp's own traceback, when it failed (server_app.serve)
+    if not summary_path.is_file() and failure.is_file():
+        lines = [line for line in failure.read_text(errors="replace").splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else "no message"
+        kind, _, message = last.partition(": ")
+        if kind in _INPUT_ERRORS:  # bad input, found by the ServerApp: the simulator's one-line error
+            raise _INPUT_ERRORS[kind](f"{message} (the Flower ServerApp's traceback: {failure})")
+        raise RuntimeError(f"the Flower ServerApp failed: {last} (traceback in {failure})")
     if not summary_path.is_file():
         lines = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-40:]
         raise RuntimeError(f"the Flower run ended without writing {summary_path}; the end of "

@@ -375,7 +375,9 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     (:func:`fedgma.checkpoint.atomic_write`; ``summary.json`` last, the "finished" mark), the folder
     is locked for the run's life (:func:`fedgma.checkpoint.lock_folder`; ``lock=False`` when the
     caller already holds it, as :func:`~fedgma.flower.launch.run_flower` does), and a folder holding a finished run of
-    another config is refused (:class:`~fedgma.checkpoint.RunFolderError`) unless ``overwrite``.
+    another config is refused (:class:`~fedgma.checkpoint.RunFolderError`) unless ``overwrite``. Once the
+    folder is this run's, any error is re-raised after its traceback is written to ``error.txt`` there
+    (``flwr run`` exits 0 whatever the ServerApp raised; ``fedgma report`` lists the folder as failed).
     ``strategy_options`` go to :class:`FedGMA` (e.g. ``pull_interval``).
 
     With ``secure`` (the app's ``secure-aggregation = true``), the rounds run under Flower's SecAgg+

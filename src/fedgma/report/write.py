@@ -64,9 +64,10 @@ def write_report(
     (:func:`~fedgma.report.protocol.select_lr`). Every method is compared with plain averaging in the same
     setting (gains.md/.csv: paired differences, 95% t-interval, p, Holm's p across each table). Runs
     without a summary are counted: ``diverged`` (``diverged.json``), ``failed`` (``error.txt``) and
-    ``unfinished``. ``title`` names the report in its heading and figures (default: the folder as given in
-    the heading and its name in the figures; for several folders, the name of the deepest folder holding
-    them all, with their count).
+    ``unfinished``. ``title`` names the report in its heading and figures, on one line (each run of
+    whitespace becomes a space); without one, or with a blank one, the heading has the folder as given and
+    the figures its name; for several folders, the name of the deepest folder holding them all, with their
+    count.
 
     Returns ``{"rows", "gains", "out", "figures", "diverged", "incomplete", "runs", "swept", "lr_choices"}``.
 
@@ -120,6 +121,7 @@ def write_report(
     write_csv(out / "gains.csv", gains, GAIN_COLUMNS)
     (out / "server_lr_selection.json").write_text(json.dumps(choices, indent=2, ensure_ascii=False))
 
+    title = " ".join(title.split()) if title else None  # one line: a newline would end report.md's heading
     heading = title or (str(roots[0]) if len(roots) == 1 else _shared_name(roots))
     title = title or (roots[0].resolve().name if len(roots) == 1 else heading)
     figures: list[tuple[Path, str]] = []
