@@ -162,3 +162,26 @@ def test_bad_data_found_by_the_serverapp_is_the_simulators_one_line_error(tmp_pa
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == f"Error: {expected} (the Flower ServerApp's traceback: {out / 'error.txt'})"
     assert "DatasetError" in (out / "error.txt").read_text() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(("last_line", "kind", "message"), [
+    ("fedgma.data.datasets.DatasetError: data.csv: row 3 has 2 columns", "DatasetError",
+     "data.csv: row 3 has 2 columns"),
+    ("fedgma.config.ConfigError: config key 'rounds': expected > 0", "ConfigError",
+     "config key 'rounds': expected > 0"),
+    ("FloatingPointError: round 2: the aggregate would make the global model non-finite", "FloatingPointError",
+     "round 2: the aggregate would make the global model non-finite"),
+    ("fedgma.flower.mixin.InvalidReplyError: round 1: reply from node 7: train_loss must be a finite number, got nan",
+     "BadUpdateError", "round 1: reply from node 7: train_loss must be a finite number, got nan"),
+    ("KeyError: 'arrays'", "RuntimeError", "the Flower ServerApp failed: KeyError: 'arrays'"),
+])
+def test_a_serverapp_failure_comes_back_as_the_simulators_error(tmp_path, last_line, kind, message):
+    """Errors the simulator raises too keep their type (one-line CLI errors; a sweep records a divergence as
+    diverged), the rest are RuntimeErrors; each names the traceback's file."""
+    from fedgma.flower.launch import serverapp_error
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n{last_line}\n\n")
+    error = serverapp_error(error_file)
+    assert type(error).__name__ == kind
+    assert str(error).startswith(message) and str(error_file) in str(error)

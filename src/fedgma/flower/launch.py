@@ -30,12 +30,34 @@ from fedgma.data.datasets import DatasetError
 from fedgma.flower.run_config import EXPERIMENT_KEY, SecureSettings, check_secure_supported, check_supported
 from fedgma.flower.server_app import start_run_folder
 from fedgma.progress import ProgressBar
+from fedgma.round import BadUpdateError
 
-# errors the ServerApp raises on bad input, by the name its traceback's last line gives them
-_INPUT_ERRORS: dict[str, type[Exception]] = {"fedgma.data.datasets.DatasetError": DatasetError,
-                                             "fedgma.config.ConfigError": ConfigError}
+# the ServerApp's errors that the simulator raises too, by the name its traceback's last line gives them
+_SIMULATOR_ERRORS: dict[str, type[Exception]] = {
+    "fedgma.data.datasets.DatasetError": DatasetError,  # bad input
+    "fedgma.config.ConfigError": ConfigError,
+    "FloatingPointError": FloatingPointError,  # divergence: the model would become non-finite
+    "fedgma.round.BadUpdateError": BadUpdateError,  # a bad client update under server.on_bad_update = 'fail'
+    "fedgma.flower.mixin.InvalidReplyError": BadUpdateError,  # the same, found in a Flower reply
+}
 
-__all__ = ["LocalSuperLink", "flower_app_files", "run_flower"]
+
+def serverapp_error(error_file: Path) -> Exception:
+    """The error to raise for a ServerApp that failed and wrote its traceback to ``error_file``.
+
+    An error the simulator raises too (bad data or config, divergence, a bad client update under
+    ``server.on_bad_update = 'fail'``) comes back as the simulator's type with the same message, so
+    ``fedgma run`` prints it in one line and a sweep records a divergence as such; anything else is a
+    RuntimeError naming the last line. Both name ``error_file``.
+    """
+    lines = [line for line in error_file.read_text(errors="replace").splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else "no message"
+    kind, _, message = last.partition(": ")
+    if kind in _SIMULATOR_ERRORS:
+        return _SIMULATOR_ERRORS[kind](f"{message} (the Flower ServerApp's traceback: {error_file})")
+    return RuntimeError(f"the Flower ServerApp failed: {last} (traceback in {error_file})")
+
+__all__ = ["LocalSuperLink", "flower_app_files", "run_flower", "serverapp_error"]
 
 
 def _free_port() -> int:
@@ -238,14 +260,8 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
                 bar.close()
                 superlink.close()
     summary_path = run_dir / "summary.json"
-    failure = run_dir / "error.txt"  # the ServerApp's own traceback, when it failed (server_app.serve)
-    if not summary_path.is_file() and failure.is_file():
-        lines = [line for line in failure.read_text(errors="replace").splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else "no message"
-        kind, _, message = last.partition(": ")
-        if kind in _INPUT_ERRORS:  # bad input, found by the ServerApp: the simulator's one-line error
-            raise _INPUT_ERRORS[kind](f"{message} (the Flower ServerApp's traceback: {failure})")
-        raise RuntimeError(f"the Flower ServerApp failed: {last} (traceback in {failure})")
+    if not summary_path.is_file() and (run_dir / "error.txt").is_file():
+        raise serverapp_error(run_dir / "error.txt")
     if not summary_path.is_file():
         lines = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-40:]
         raise RuntimeError(f"the Flower run ended without writing {summary_path}; the end of "
