@@ -483,3 +483,53 @@ def test_a_malformed_secure_sum_skips_the_round_instead_of_stopping_the_server()
     result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(bad), 1, {})
     assert strategy.aggregate_fit(1, [(None, result)] * 5, []) == (None, {})
     assert "not a positive integer" in strategy.last_round["invalid_sum"]
+
+
+def test_fedgma_app_logs_a_halted_secure_round_as_skipped_without_blaming_the_survivors(tmp_path):
+    """fedgma's app with secure aggregation, 5 SuperNodes, 4 per round, reconstruction threshold 3: in round 2
+    the sampled clients among partitions 0-2 drop out in SecAgg+'s masked-vector stage, leaving at most 2,
+    too few to unmask. The round is logged as skipped, with no aggregate, and every sent client as lost with
+    the halt as the reason (the survivors did not drop out); the model is unchanged and round 3 runs."""
+    import json
+
+    from flower_sim import simulate
+    from flwr.clientapp import ClientApp
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.serverapp import ServerApp
+
+    from fedgma.flower.client_app import client_app
+    from fedgma.flower.run_config import SecureSettings
+    from fedgma.flower.server_app import serve
+
+    dropping = ClientApp()
+
+    @dropping.train()
+    def _train(msg, context):
+        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+        if (stage == Stage.COLLECT_MASKED_VECTORS and msg.metadata.group_id == "2"
+                and int(context.node_config["partition-id"]) in (0, 1, 2)):
+            raise RuntimeError("drops out before sending its masked vector")
+        return client_app(msg, context)
+
+    dropping.query()(client_app)
+    dropping.evaluate()(client_app)
+    out = tmp_path / "halted"
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context):
+        settings = SecureSettings(update_bound=1.0, num_shares=4, reconstruction_threshold=3)
+        serve(grid, _app_config(), out, secure=settings)
+
+    simulate(server_app, dropping, num_supernodes=5)
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rounds] == [False, True, False]
+    halted = rounds[1]
+    assert halted["aggregated"] == [] and halted["update_norm"] == 0.0 and "mask_density" not in halted
+    assert sorted(map(int, halted["lost"])) == sorted(halted["clients"])
+    assert set(halted["lost"].values()) == {"not in a secure sum: SecAgg+ halted the round (too few clients left "
+                                            "to unmask it)"}
+    assert sum(c in (0, 1, 2) for c in halted["clients"]) >= 2  # the drop-outs did leave fewer than 3
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[1]["test_accuracy"] == metrics[0]["test_accuracy"]  # round 2 left the model as it was
+    assert (out / "summary.json").is_file()

@@ -524,6 +524,11 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
         last = strategy.last_round if strategy.last_round.get("round") == server_round else {}
         summed = list(last.get("aggregated", []))
         lost = [client for client in strategy.sent if client not in summed]  # dropped out of the protocol
+        # no aggregate_fit for this round: SecAgg+ stopped it before unmasking, so no client's vector is in a
+        # sum, the survivors' included (too few clients were left to reach the reconstruction threshold)
+        halted = not last
+        why = ("not in a secure sum: SecAgg+ halted the round (too few clients left to unmask it)" if halted
+               else "not in the secure sum (dropped out of SecAgg+)")
         round_record = {
             "round": server_round,
             "clients": strategy.sampled,
@@ -535,8 +540,7 @@ def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_t
             "secure_aggregation": True,
             **(stats or {}),
             **({"unreachable": list(strategy.unreachable)} if strategy.unreachable else {}),
-            **({"lost": {str(client): "not in the secure sum (dropped out of SecAgg+)" for client in lost}}
-               if lost else {}),
+            **({"lost": {str(client): why for client in lost}} if lost else {}),
             "round_s": time.perf_counter() - state["round_start"],
         }
         log_round(server_round, round_record, stats or {}, lambda: arrays_to_params(arrays, model))
