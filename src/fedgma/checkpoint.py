@@ -15,7 +15,9 @@ The run folder's own files follow the same rules: :func:`atomic_write` (temp fil
 writes ``final_model.pt`` and then ``summary.json``, the summary last as the mark of a finished run;
 :func:`final_files_problem` says whether both are whole; :func:`read_json` names the file it cannot
 parse; :func:`lock_folder` holds an advisory lock (``fcntl.flock``) on a run or sweep folder for a
-writer's life, so a second writer is refused in one line.
+writer's life, so a second writer is refused in one line. A run that failed (a sweep's run, a Flower
+ServerApp) leaves its traceback in ``error.txt`` (:data:`FAILED`, :func:`record_failure`), whose last
+line :func:`failure_line` reads back.
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ import io
 import json
 import os
 import re
+import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FAILED",
     "CheckpointError",
     "FolderInUseError",
     "RunFolderError",
     "atomic_write",
     "checkpoint_dir",
     "config_differences",
+    "failure_line",
     "final_files_problem",
     "latest_checkpoint",
     "list_checkpoints",
@@ -48,11 +53,13 @@ __all__ = [
     "read_json",
     "read_jsonl",
     "read_toml",
+    "record_failure",
     "save_checkpoint",
     "truncate_jsonl",
 ]
 
 MAGIC = b"FEDGMA-CHECKPOINT v1\n"
+FAILED = "error.txt"  # a failed run's traceback, in its folder
 KEEP = 2
 _NAME = re.compile(r"^round-(\d{6,})\.pt$")
 
@@ -162,6 +169,24 @@ def truncate_jsonl(path: str | Path, last_round: int) -> list[dict[str, Any]]:
                 lines.append(line + "\n")  # verbatim, so kept lines stay byte-identical
     atomic_write(path, "".join(lines).encode())
     return kept
+
+
+def record_failure(run_dir: str | Path) -> None:
+    """Write the traceback of the exception being handled to ``run_dir/error.txt`` (:func:`atomic_write`).
+
+    Call it from an ``except`` block; :func:`failure_line` and ``fedgma report`` read it back.
+    """
+    atomic_write(Path(run_dir) / FAILED, traceback.format_exc().encode())
+
+
+def failure_line(run_dir: str | Path) -> str | None:
+    """The last non-blank line of ``run_dir/error.txt`` (the error's type and message), stripped; ``""`` when
+    the file is blank, None when there is none."""
+    path = Path(run_dir) / FAILED
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

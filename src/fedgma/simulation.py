@@ -36,6 +36,7 @@ from torch import Tensor
 from fedgma.aggregation import Aggregator, make_aggregator
 from fedgma.backends import make_backend
 from fedgma.checkpoint import (
+    FAILED,
     CheckpointError,
     RunFolderError,
     atomic_write,
@@ -389,7 +390,7 @@ def _clear_run(run_dir: Path) -> None:
     for _, path in list_checkpoints(run_dir):
         path.unlink()
     shutil.rmtree(run_dir / "controls", ignore_errors=True)  # SCAFFOLD's spilled c_i of an earlier run
-    for name in ("metrics.jsonl", "rounds.jsonl", "error.txt"):  # error.txt: an earlier attempt's failure
+    for name in ("metrics.jsonl", "rounds.jsonl", FAILED):  # FAILED: an earlier attempt's failure
         (run_dir / name).unlink(missing_ok=True)
 
 

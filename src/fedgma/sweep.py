@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedgma.checkpoint import (
+    FAILED,
     atomic_write,
     config_differences,
     final_files_problem,
     list_checkpoints,
     lock_folder,
+    record_failure,
 )
 from fedgma.config import Config, ConfigError, load_config, parse_value
 
@@ -69,7 +71,6 @@ class SweepRun:
 
 
 DIVERGED = "diverged.json"
-FAILED = "error.txt"
 
 
 def parse_grid(item: str) -> tuple[str, list[Any]]:
@@ -271,10 +272,8 @@ def _run_one(run: SweepRun, threads: int | None = None) -> dict[str, Any] | None
         atomic_write(run.run_dir / DIVERGED, json.dumps(record, indent=2).encode())
         return None
     except Exception:
-        import traceback
-
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run.run_dir / FAILED, traceback.format_exc().encode())
+        record_failure(run.run_dir)
         raise
 
 

@@ -182,6 +182,6 @@ def test_a_serverapp_failure_comes_back_as_the_simulators_error(tmp_path, last_l
 
     error_file = tmp_path / "error.txt"
     error_file.write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n{last_line}\n\n")
-    error = serverapp_error(error_file)
+    error = serverapp_error(tmp_path)
     assert type(error).__name__ == kind
     assert str(error).startswith(message) and str(error_file) in str(error)

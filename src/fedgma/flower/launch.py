@@ -24,13 +24,15 @@ from typing import Any
 
 import tomli_w
 
-from fedgma.checkpoint import lock_folder, read_json
+from fedgma.checkpoint import FAILED, failure_line, lock_folder, read_json
 from fedgma.config import Config, ConfigError, config_to_toml
 from fedgma.data.datasets import DatasetError
 from fedgma.flower.run_config import EXPERIMENT_KEY, SecureSettings, check_secure_supported, check_supported
 from fedgma.flower.server_app import start_run_folder
 from fedgma.progress import ProgressBar
 from fedgma.round import BadUpdateError
+
+__all__ = ["LocalSuperLink", "flower_app_files", "run_flower", "serverapp_error"]
 
 # the ServerApp's errors that the simulator raises too, by the name its traceback's last line gives them
 _SIMULATOR_ERRORS: dict[str, type[Exception]] = {
@@ -42,22 +44,20 @@ _SIMULATOR_ERRORS: dict[str, type[Exception]] = {
 }
 
 
-def serverapp_error(error_file: Path) -> Exception:
-    """The error to raise for a ServerApp that failed and wrote its traceback to ``error_file``.
+def serverapp_error(run_dir: Path) -> Exception:
+    """The error to raise for a ServerApp that failed and wrote its traceback to ``run_dir/error.txt``.
 
     An error the simulator raises too (bad data or config, divergence, a bad client update under
     ``server.on_bad_update = 'fail'``) comes back as the simulator's type with the same message, so
     ``fedgma run`` prints it in one line and a sweep records a divergence as such; anything else is a
-    RuntimeError naming the last line. Both name ``error_file``.
+    RuntimeError naming the last line. Both name the file.
     """
-    lines = [line for line in error_file.read_text(errors="replace").splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else "no message"
+    error_file = run_dir / FAILED
+    last = failure_line(run_dir) or "no message"
     kind, _, message = last.partition(": ")
     if kind in _SIMULATOR_ERRORS:
         return _SIMULATOR_ERRORS[kind](f"{message} (the Flower ServerApp's traceback: {error_file})")
     return RuntimeError(f"the Flower ServerApp failed: {last} (traceback in {error_file})")
-
-__all__ = ["LocalSuperLink", "flower_app_files", "run_flower", "serverapp_error"]
 
 
 def _free_port() -> int:
@@ -260,8 +260,8 @@ def run_flower(config: Config, run_dir: str | Path, progress: bool = True, num_c
                 bar.close()
                 superlink.close()
     summary_path = run_dir / "summary.json"
-    if not summary_path.is_file() and (run_dir / "error.txt").is_file():
-        raise serverapp_error(run_dir / "error.txt")
+    if not summary_path.is_file() and failure_line(run_dir) is not None:
+        raise serverapp_error(run_dir)
     if not summary_path.is_file():
         lines = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-40:]
         raise RuntimeError(f"the Flower run ended without writing {summary_path}; the end of "

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from fedgma.checkpoint import atomic_write, lock_folder
+from fedgma.checkpoint import atomic_write, lock_folder, record_failure
 from fedgma.client import ClientResult, ScaffoldClient, mean_train_loss
 from fedgma.config import Config, config_to_toml
 from fedgma.flower.records import (
@@ -397,28 +397,9 @@ def serve(grid: Grid, config: Config, run_dir: str | Path | None, progress: bool
     """
     out = Path(run_dir) if run_dir else None
     if out is None or not lock:
-        return _serve_recording_failure(grid, config, out, progress, round_timeout, overwrite, strategy_options,
-                                        secure)
+        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
     with lock_folder(out, "run"):
-        return _serve_recording_failure(grid, config, out, progress, round_timeout, overwrite, strategy_options,
-                                        secure)
-
-
-def _serve_recording_failure(grid: Grid, config: Config, out: Path | None, *args: Any) -> dict[str, Any]:
-    """:func:`_serve`; if it fails once the run folder is this run's, the traceback goes to ``error.txt`` there
-    (as a failed sweep run's: ``fedgma report`` then counts the folder as failed, with the error's last line).
-    ``flwr run`` exits 0 whatever the ServerApp raised (flwr 1.41), so the folder is where a failure shows."""
-    claimed: list[Path] = []
-    try:
-        return _serve(grid, config, out, *args, claimed=claimed)
-    except Exception:
-        if claimed:
-            import traceback
-
-            from fedgma.sweep import FAILED
-
-            atomic_write(claimed[0] / FAILED, traceback.format_exc().encode())
-        raise
+        return _serve(grid, config, out, progress, round_timeout, overwrite, strategy_options, secure)
 
 
 def start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
@@ -431,21 +412,33 @@ def start_run_folder(out: Path, config: Config, overwrite: bool) -> None:
 
 
 def _serve(grid: Grid, config: Config, out: Path | None, progress: bool, round_timeout: float,
-           overwrite: bool, strategy_options: dict[str, Any], secure: SecureSettings | None = None,
-           claimed: list[Path] | None = None) -> dict[str, Any]:
-    from fedgma import simulation
-
+           overwrite: bool, strategy_options: dict[str, Any], secure: SecureSettings | None = None) -> dict[str, Any]:
+    """Check what the engine can run, claim the run folder, then :func:`_run`. Once the folder is this run's,
+    a failure leaves its traceback there (``error.txt``, :func:`fedgma.checkpoint.record_failure`, as a failed
+    sweep run's): ``flwr run`` exits 0 whatever the ServerApp raised (flwr 1.41), so the folder is where a
+    failure shows."""
     check_supported(config)
     if secure is not None:
         check_secure_supported(config)
         secure.check_clients_per_round(config.server.clients_per_round)
     start_time = time.perf_counter()
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        start_run_folder(out, config, overwrite)
-        if claimed is not None:
-            claimed.append(out)  # the folder is this run's from here: a failure is recorded in it
+    if out is None:
+        return _run(grid, config, out, progress, round_timeout, strategy_options, secure, start_time)
+    out.mkdir(parents=True, exist_ok=True)
+    start_run_folder(out, config, overwrite)
+    try:
         atomic_write(out / "config.toml", config_to_toml(config).encode())
+        return _run(grid, config, out, progress, round_timeout, strategy_options, secure, start_time)
+    except Exception:
+        record_failure(out)
+        raise
+
+
+def _run(grid: Grid, config: Config, out: Path | None, progress: bool, round_timeout: float,
+         strategy_options: dict[str, Any], secure: SecureSettings | None, start_time: float) -> dict[str, Any]:
+    """The run itself, in a claimed folder (or none): the rounds, their logs, the final files."""
+    from fedgma import simulation
+
     if config.threads:
         torch.set_num_threads(config.threads)
     data = build_data(config)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgma.checkpoint import read_json, read_jsonl, read_toml  # errors name the damaged file
+from fedgma.checkpoint import failure_line, read_json, read_jsonl, read_toml  # errors name the damaged file
 from fedgma.config import ConfigError, upgrade_raw
 
 __all__ = [
@@ -168,10 +168,9 @@ def find_incomplete(root: str | Path) -> list[dict[str, Any]]:
         folder = marker.parent
         if (folder / "summary.json").is_file() or (folder / "diverged.json").is_file():
             continue
-        error_file = folder / "error.txt"
-        if error_file.is_file():
-            lines = [line for line in error_file.read_text(errors="replace").splitlines() if line.strip()]
-            found.append({"path": folder, "status": "failed", "error": lines[-1].strip() if lines else ""})
+        error = failure_line(folder)
+        if error is not None:
+            found.append({"path": folder, "status": "failed", "error": error})
         else:
             found.append({"path": folder, "status": "unfinished", "error": ""})
     return found
