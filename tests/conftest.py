@@ -1,4 +1,4 @@
-"""Shared test options: slow tests run only with --runslow (or -m slow)."""
+"""Shared test options: slow tests run only with -m slow (CI's own step) or --runslow."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--runslow") or "slow" in (config.getoption("-m") or ""):
         return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    skip = pytest.mark.skip(reason="slow: run with -m slow (CI runs them as their own step)")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
