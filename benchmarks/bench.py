@@ -17,6 +17,12 @@ Parts:
 * ``agg``: K updates of d float32: one read of every float (the bandwidth floor), a Flower-style
   weighted mean (numpy: scale every update, ``reduce(np.add)``, divide, as flwr's ``aggregate``),
   ``fedgma.aggregation.mean`` and ``gma`` on the list, and streaming ``GMAAggregator``.
+* ``eval``: one evaluation of the global model as ``fedgma run`` makes it every ``eval_every`` rounds:
+  Fashion-MNIST's 10,000 test images and a 6,000-image validation split (``data.validation_fraction =
+  0.1``), in the parent with one thread as one forward pass per 1,000 images (before ``fedgma.evaluation``),
+  in the parent in forward chunks of 100 (``evaluate_all``), and in the multiprocess backend's 2 workers
+  (``evaluate_all`` with the backend's ``evaluate_blocks``, as ``fedgma run`` does); every way must give
+  the same bits.
 * ``scale``: 10,000 clients (IID split), 100 sampled per round, SCAFFOLD with the MLP; peak RSS
   while the control-variate store fills up (spilling to disk past its memory limit).
 """
@@ -256,6 +262,60 @@ def run_scale(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# eval: one evaluation of the global model, three ways, in this process
+# --------------------------------------------------------------------------------------------
+
+
+def run_eval(args) -> dict:
+    from fedgma.backends import make_backend
+    from fedgma.client import LocalSGD, PlainClient
+    from fedgma.data.federated import hold_out_validation
+    from fedgma.evaluation import BLOCK, evaluate_all
+    from fedgma.models import FlatModel, build_model
+    from fedgma.seeding import torch_generator
+
+    torch.set_num_threads(1)
+    data = hold_out_validation(_federated(args.alpha, 100), 0.1, 0)
+    model = FlatModel(build_model(args.model, data.input_shape, data.num_classes, torch_generator(0, "init")))
+    params = model.params.clone()
+
+    @torch.no_grad()
+    def one_pass() -> dict:  # the simulator's evaluation before fedgma.evaluation: the whole block at once
+        model.load(params)
+        metrics = {}
+        for name, dataset in [("test", data.test), *data.extra_tests.items()]:
+            loss_sum, correct = 0.0, 0
+            for start in range(0, len(dataset), BLOCK):
+                x, y = dataset.x[start : start + BLOCK], dataset.y[start : start + BLOCK]
+                logits = model(x)
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = loss_sum / len(dataset), correct / len(dataset)
+        return metrics
+
+    backend = make_backend("multiprocess", model, data, LocalSGD(batch_size=32, lr=0.01), 0, workers=2)
+    try:
+        list(backend.train(params, [0, 1], 1, PlainClient(LocalSGD(batch_size=32, lr=0.01))))  # starts the workers
+        ways = {
+            "parent, one pass per 1,000": one_pass,
+            "parent, chunks of 100": lambda: evaluate_all(model, params, data),
+            "multiprocess workers (2)": lambda: evaluate_all(model, params, data, backend.evaluate_blocks),
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        results = {}
+        for _ in range(args.repeats):  # interleaved
+            for name, way in ways.items():
+                start = time.perf_counter()
+                results[name] = way()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        backend.close()
+    reference = results["parent, one pass per 1,000"]
+    same = all({k: r[k] for k in reference} == reference for r in results.values())
+    return {"times": times, "same_bits": same, "samples": len(data.test) + len(data.extra_tests["validation"])}
+
+
 def _child(part: str, **options) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", part]
     for key, value in options.items():
@@ -300,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a small run of every part in about a minute (MLP only, 2 rounds, 1 repeat, K=20 "
                              "updates of d=1e6, 500 SCAFFOLD clients for 2 rounds): checks that the benchmark "
                              "works; not for figures")
-    parser.add_argument("--parts", default="train,agg,scale",
+    parser.add_argument("--parts", default="train,agg,eval,scale",
                         help="comma list: train (rounds/s per backend), agg (aggregation vs memory floor), "
+                             "eval (one evaluation: parent vs the multiprocess workers), "
                              "scale (SCAFFOLD with many clients) (default: %(default)s)")
     parser.add_argument("--models", default="mlp,cnn", help="train: models to time (default: %(default)s)")
     parser.add_argument("--modes", default=",".join(STEP_MODES),
@@ -330,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         args.k, args.d, args.population, args.per_round, args.scale_rounds = 20, 1_000_000, 500, 10, 2
 
     if args.child:
-        result = {"train": run_train, "agg": run_agg, "scale": run_scale}[args.child](args)
+        result = {"train": run_train, "agg": run_agg, "scale": run_scale, "eval": run_eval}[args.child](args)
         print(json.dumps(result))
         return
 
@@ -359,6 +420,18 @@ def main(argv: list[str] | None = None) -> None:
             [[name, f"{t:.3f}", f"{t / med['floor']:.2f}", f"{t / med['flower-mean']:.2f}",
               f"{result['extra_mb'][name] / result['d_mb']:.1f}"] for name, t in med.items()],
         )
+    if "eval" in parts:
+        for model in args.models.split(","):
+            result = _child("eval", model=model, repeats=args.repeats, alpha=args.alpha)
+            med = {name: statistics.median(t) for name, t in result["times"].items()}
+            first = next(iter(med.values()))
+            _print_table(
+                f"eval: {model}, one evaluation of {result['samples']} Fashion-MNIST images (test + validation), "
+                f"parent at 1 thread, {args.repeats} repeats; same bits every way: "
+                f"{'yes' if result['same_bits'] else 'NO'}",
+                ["way", "seconds", "× one pass"],
+                [[name, f"{t:.3f}", f"{t / first:.2f}"] for name, t in med.items()],
+            )
     if "scale" in parts:
         result = _child("scale", population=args.population, per_round=args.per_round, rounds=args.scale_rounds,
                         store_limit_mb=args.store_limit_mb)

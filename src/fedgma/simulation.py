@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from fedgma.aggregation import Aggregator, make_aggregator
 from fedgma.backends import make_backend
@@ -51,8 +49,8 @@ from fedgma.checkpoint import (
 )
 from fedgma.client import ClientResult, LocalSGD, make_client_algorithm, mean_train_loss
 from fedgma.config import Config, ConfigError, config_to_toml
-from fedgma.data.arrays import ArrayDataset
 from fedgma.data.federated import FederatedDataset, build_federated, hold_out_validation
+from fedgma.evaluation import evaluate, evaluate_all  # re-exported: simulation.evaluate, simulation.evaluate_all
 from fedgma.faults import NO_REPLY, attack_update, label_flip_clients, poison_labels, round_faults
 from fedgma.models import FlatModel, build_model
 from fedgma.plots import write_partition_files
@@ -89,48 +87,6 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
     """The clients of one round: ``per_round`` distinct ids, drawn from the round's own stream."""
     chosen = numpy_rng(seed, "sampling", round_index).choice(num_clients, size=per_round, replace=False)
     return sorted(int(c) for c in chosen)
-
-
-@torch.no_grad()
-def evaluate(model: FlatModel, params: Tensor, data: ArrayDataset, batch_size: int = 1000) -> dict[str, float]:
-    """Loss and accuracy of ``params`` on ``data``, in batches."""
-    model.load(params)
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return {"loss": loss_sum / max(len(data), 1), "accuracy": correct / max(len(data), 1)}
-
-
-def evaluate_all(model: FlatModel, params: Tensor, data: FederatedDataset) -> dict[str, float]:
-    """Every test metric of a run: the global test set, each extra test set, their OOD mean, held-out clients.
-
-    ``test_*`` is in-distribution (for feature skew the test set is transformed like the training
-    domains); ``ood/<domain>_*`` are the held-out domains and ``ood_accuracy`` / ``ood_loss`` their
-    mean; ``holdout_mean_accuracy`` and ``holdout_worst10_accuracy`` (mean over the worst 10% of
-    the held-out clients, at least one; q-FFL's "worst 10%", Li et al. 2020) cover
-    ``data.holdout_clients``.
-    """
-    result = evaluate(model, params, data.test)
-    metrics = {"test_accuracy": result["accuracy"], "test_loss": result["loss"]}
-    ood = []
-    for name, extra in data.extra_tests.items():
-        extra_result = evaluate(model, params, extra)
-        metrics[f"{name}_accuracy"] = extra_result["accuracy"]
-        metrics[f"{name}_loss"] = extra_result["loss"]
-        if name.startswith("ood/"):
-            ood.append(extra_result)
-    if ood:
-        metrics["ood_accuracy"] = sum(r["accuracy"] for r in ood) / len(ood)
-        metrics["ood_loss"] = sum(r["loss"] for r in ood) / len(ood)
-    if data.holdout_clients:
-        accuracies = sorted(evaluate(model, params, c)["accuracy"] for c in data.holdout_clients)
-        worst = accuracies[: max(1, len(accuracies) // 10)]
-        metrics["holdout_mean_accuracy"] = sum(accuracies) / len(accuracies)
-        metrics["holdout_worst10_accuracy"] = sum(worst) / len(worst)
-    return metrics
 
 
 def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +233,8 @@ def _run(config: Config, run_dir: Path, progress: bool, data: FederatedDataset |
     policy = reply_policy(config, model)
     backend = make_backend(config.backend.name, model, data, local_settings(config), seed, **config.backend.options)
 
-    initial = evaluate_all(model, state.params, data)  # the untrained model, for "improves over the start"
+    run_blocks = getattr(backend, "evaluate_blocks", None)  # a backend with workers evaluates in them
+    initial = evaluate_all(model, state.params, data, run_blocks)  # the untrained model, for "improves over the start"
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
         torch.set_rng_state(checkpoint["torch_rng_state"])
@@ -320,7 +277,7 @@ def _run(config: Config, run_dir: Path, progress: bool, data: FederatedDataset |
             if round_index % config.eval_every == 0 or round_index == config.rounds:
                 record = {
                     "round": round_index,
-                    **evaluate_all(model, state.params, data),
+                    **evaluate_all(model, state.params, data, run_blocks),
                     "train_loss": round_record["train_loss"],
                     "total_local_steps": state.total_steps,
                     **{k: v for k, v in round_stats.items() if isinstance(v, float)},
