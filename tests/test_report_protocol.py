@@ -6,6 +6,7 @@ validation over seeds, every method against plain averaging with Holm's correcti
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ from unittest import mock
 import pytest
 import tomli_w
 from click.testing import CliRunner
+from markdown_it import MarkdownIt
 
 from fedgma.cli import main
 from fedgma.report import find_runs, gain_rows, make_groups, write_report
@@ -200,6 +202,12 @@ def test_several_runs_folders_make_one_report(tmp_path: Path) -> None:
     lines = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "lines"), "--title", "τ\n study "])
     assert lines.exit_code == 0, lines.output  # one line: a newline would end the Markdown heading
     assert (tmp_path / "lines" / "report.md").read_text().startswith("# Report: τ study\n\n")
+    odd = "a *b* [c](d) `e` <i>f</i> x_y_ \\ | ~g~ #"
+    marked = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "marked"), "--title", odd])
+    assert marked.exit_code == 0, marked.output  # Markdown in a title is shown as written, not rendered
+    first_line = (tmp_path / "marked" / "report.md").read_text().splitlines()[0]
+    heading = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(first_line)
+    assert heading == f"<h1>Report: {html.escape(odd, quote=False)}</h1>\n"
     blank = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "blank"), "--title", " "])
     assert blank.exit_code == 0, blank.output  # a blank title: the default
     assert (tmp_path / "blank" / "report.md").read_text().startswith("# Report: study (2 runs folders)\n")
@@ -351,3 +359,28 @@ def test_tau_as_a_net_count_of_agreeing_clients_has_the_rounds_parity():
     # K clients: the net count |#pos − #neg| is K, K − 2, ..., so τ·K is rounded up to K's parity
     assert [agreement_count(0.4, k) for k in (5, 10, 20, 50, 100)] == [3, 4, 8, 20, 40]
     assert agreement_count(0.0, 10) == 0 and agreement_count(1.0, 7) == 7 and agreement_count(0.3, 10) == 4
+
+
+def test_a_swept_partition_shows_its_alpha_even_where_alpha_does_not_vary(tmp_path) -> None:
+    """Dirichlet(0.1) against IID: the settings read "partition=dirichlet, Dirichlet α=0.1" and "partition=iid",
+    not a bare "dirichlet" that hides how skewed it is."""
+    for name, partition in [("dir", {**DIRICHLET, "alpha": 0.1}), ("iid", {"name": "iid"})]:
+        for seed in (0, 1):
+            write_run(tmp_path / f"{name}_mean_seed{seed}", seed=seed, test=[0.5, 0.6], partition=partition)
+            write_run(tmp_path / f"{name}_gma_seed{seed}", seed=seed, aggregator="gma", test=[0.5, 0.61],
+                      partition=partition)
+    groups = make_groups(find_runs(tmp_path))
+    assert sorted({g.setting for g in groups}) == ["partition=dirichlet, Dirichlet α=0.1", "partition=iid"]
+    assert {tuple(g.values) for g in groups} == {("data.partition.name", "server.aggregator.name")}  # not swept
+    rows = {r["setting"]: r["values"] for r in gain_rows(groups)}  # and the map's points carry it
+    assert rows == {"partition=dirichlet, Dirichlet α=0.1": {"data.partition.name": "dirichlet",
+                                                            "data.partition.alpha": 0.1},
+                    "partition=iid": {"data.partition.name": "iid", "data.partition.alpha": None}}
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    with mock.patch.object(plt, "close"):
+        plot_gain_map(gain_rows(groups), tmp_path / "map.png")
+        figure = plt.gcf()
+    plt.close("all")
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["IID", "Dirichlet α=0.1"]

@@ -44,6 +44,14 @@ _NAMES = {
 }
 
 
+def headline_options(parts: Iterable[str]) -> list[str]:
+    """The options of ``parts`` (``"data.partition"``) with readable names (``data.partition.alpha``): what a
+    setting's label shows even when it does not vary, once the part itself does (``dirichlet, Dirichlet
+    α=0.1`` against ``iid``, not a bare ``dirichlet``)."""
+    parts = list(parts)
+    return [k for k in _NAMES if not k.endswith(".name") and any(k.startswith(p + ".") for p in parts)]
+
+
 def is_method_key(key: str) -> bool:
     """Whether dotted ``key`` belongs to the method (algorithm, aggregator, server optimizer)."""
     return any(key == p or key.startswith(p + ".") for p in METHOD_PREFIXES)

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedgma.config import flatten
 from fedgma.registry import AGGREGATORS
-from fedgma.report.configs import describe, format_value, identity, is_method_key, varying_keys
+from fedgma.report.configs import describe, format_value, headline_options, identity, is_method_key, varying_keys
 from fedgma.report.protocol import (
     LAST_FRACTION,
     LrChoice,
@@ -208,10 +208,14 @@ def make_groups(runs: Iterable[RunRecord], metric: str = "validation_accuracy", 
     keys = swept_keys(groups)
     in_setting = sorted((k for k in keys if not is_method_key(k)), key=setting_rank)
     method_keys = [k for k in keys if is_method_key(k)]
+    # a swept part's headline options are shown even where they do not vary: "dirichlet, Dirichlet α=0.1" vs "iid"
+    headline = [k for k in headline_options(k.removesuffix(".name") for k in in_setting if k.endswith(".name"))
+                if k not in keys]
+    labelled = sorted([*in_setting, *headline], key=setting_rank)
     for group in groups:
         flat = group.flat
         group.values = {k: flat.get(k) for k in keys}
-        shown = describe(flat, [k for k in in_setting if flat.get(k) is not None])  # no "α=—" for IID
+        shown = describe(flat, [k for k in labelled if flat.get(k) is not None])  # no "α=—" for IID
         group.setting = " · ".join(part for part in (group.folder, shown) if part)
         group.label = method_label(group, method_keys)
     by_lr: dict[tuple[str, str], list[Group]] = defaultdict(list)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedgma.report.configs import format_value, is_method_key, readable_name
+from fedgma.report.configs import format_value, headline_options, is_method_key, readable_name
 from fedgma.report.groups import (
     Group,
     comparisons,
@@ -178,13 +178,17 @@ def gain_rows(groups: list[Group], alpha: float = 0.05) -> list[dict[str, Any]]:
     paired seeds gets no interval and no p-value (``note`` says so) and is left out of the correction.
 
     Each row also holds ``config`` (the setting's varying keys by readable name), ``setting`` (the same as
-    text), ``values`` (their raw values, for the map figure), ``method`` and ``baseline`` (aggregators),
+    text), ``values`` (their raw values, and a swept part's headline options such as α, for the map
+    figure), ``method`` and ``baseline`` (aggregators),
     ``tau`` and ``agreement_count`` (:func:`agreement_count`: the net number of agreeing clients,
     |#positive − #negative signs|, at which GMA's mask reaches 1), and each side's server lr.
     """
     pairs = comparisons(groups)
     keys = setting_keys([g for pair in pairs for g in pair])
     named = {k: readable_name(k, keys) for k in keys}
+    # for the map: a swept part's headline options even where they do not vary (the α of "dirichlet" vs "iid")
+    shown = [*keys, *(k for k in headline_options(k.removesuffix(".name") for k in keys if k.endswith(".name"))
+                      if k not in keys)]
     folder = any(g.folder for pair in pairs for g in pair)
     rows = []
     for base, other in pairs:
@@ -200,11 +204,13 @@ def gain_rows(groups: list[Group], alpha: float = 0.05) -> list[dict[str, Any]]:
                 continue
             seeds = sorted(set(a) & set(b))
             unpaired = sorted(set(a) ^ set(b))
+            label = {**config, **{readable_name(k, shown): format_value(flat.get(k)) for k in shown[len(keys):]
+                                  if flat.get(k) is not None}}  # "partition=dirichlet, Dirichlet α=0.1"
             row: dict[str, Any] = {
-                "setting": ", ".join(f"{name}={value}" for name, value in config.items() if value != "—")
+                "setting": ", ".join(f"{name}={value}" for name, value in label.items() if value != "—")
                            or "all runs",
                 "config": config,
-                "values": {k: flat.get(k) for k in keys},
+                "values": {k: flat.get(k) for k in shown},
                 "keys": keys,
                 "algorithm": other.algorithm,
                 "method": _method(other),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ from fedgma.report.tables import (
 )
 
 __all__ = ["plural", "write_report"]
+
+
+# CommonMark lets any ASCII punctuation be backslash-escaped; these are the ones that format inline text
+# (emphasis, code, links, HTML, tables, strikethrough, a closing # of a heading).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~!])")
+
+
+def markdown_text(text: str) -> str:
+    """``text`` escaped for Markdown: shown as written, never as emphasis, code, a link or HTML."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def plural(count: int, noun: str, plural_form: str | None = None) -> str:
@@ -185,7 +196,7 @@ def write_report(
         return str(path)
 
     folders = "" if len(roots) == 1 else "Folders: " + ", ".join(f"`{r}`" for r in roots) + "."
-    lines = [f"# Report: {heading}", "", counts, "", *([folders, ""] if folders else []),
+    lines = [f"# Report: {markdown_text(heading)}", "", counts, "", *([folders, ""] if folders else []),
              compared, "", protocol, ""]
     if gains:
         lines += ["## Comparisons with plain averaging", "", gains_text, "",
