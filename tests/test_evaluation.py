@@ -98,10 +98,11 @@ def test_an_unknown_set_is_a_key_error(digits) -> None:
             evaluation.evaluation_set(digits, name)
 
 
-def test_the_multiprocess_workers_evaluate_with_the_parents_bits(digits, monkeypatch) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: the workers get the data pickled
+def test_the_multiprocess_workers_evaluate_with_the_parents_bits(digits, monkeypatch, start_method) -> None:
     settings = LocalSGD(batch_size=8, lr=0.05)
     model = _model("cnn", digits)
-    backend = make_backend("multiprocess", model, digits, settings, 3, workers=2)
+    backend = make_backend("multiprocess", model, digits, settings, 3, workers=2, start_method=start_method)
     blocks = [b for name in ["test", "extra/validation", "holdout/0"]
               for b in blocks_of(name, len(evaluation.evaluation_set(digits, name)))]
     try:
@@ -115,7 +116,7 @@ def test_the_multiprocess_workers_evaluate_with_the_parents_bits(digits, monkeyp
         def refuse(*args):
             raise AssertionError("the parent evaluated")
 
-        monkeypatch.setattr(fedgma.multiprocess, "evaluate_blocks", refuse)  # the forked workers keep theirs
+        monkeypatch.setattr(fedgma.multiprocess, "evaluate_blocks", refuse)  # the workers, started, keep theirs
         assert backend.evaluate_blocks(params, blocks) == expected
         with pytest.raises(RuntimeError, match=r"failed evaluating the global model:(.|\n)*no evaluation set 'nope'"):
             backend.evaluate_blocks(params, [*blocks, Block("nope", 0, 1)])
