@@ -384,3 +384,9 @@ def test_a_swept_partition_shows_its_alpha_even_where_alpha_does_not_vary(tmp_pa
         figure = plt.gcf()
     plt.close("all")
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["IID", "Dirichlet α=0.1"]
+
+
+def test_figure_titles_wrap_at_spaces_not_at_hyphens() -> None:
+    from fedgma.report.figures import _fill
+
+    assert _fill("a study of dirichlet-alpha0.1-min", 25) == "a study of\ndirichlet-alpha0.1-min"  # not "…dirichlet-\n"

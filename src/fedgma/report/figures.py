@@ -26,6 +26,16 @@ UNIT = (0.0, 1.0)
 __all__ = ["group_name", "layer_names", "plot_curves", "plot_gain_map", "plot_gains", "plot_mask", "plot_tau"]
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces only (a folder name such as
+    ``dirichlet-alpha0.1-min_size10`` stays whole unless it is longer than a line)."""
+    return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+def _fill(text: str, width: int) -> str:
+    return "\n".join(_wrap(text, width))
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -128,7 +138,7 @@ def plot_curves(groups: list[Group], path: Path, title: str) -> Path | None:
     entry = 0.065 * max(len(label) for label in labels) + 0.6
     per_row = max(1, min(len(labels), 2 * ncols, int(width // entry)))
     legend_rows = math.ceil(len(labels) / per_row)
-    titles = {setting: textwrap.fill(setting or "all runs", 55) for setting in settings}  # ≈ a panel's width
+    titles = {setting: _fill(setting or "all runs", 55) for setting in settings}  # ≈ a panel's width
     title_lines = max(t.count("\n") + 1 for t in titles.values())
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, (3.3 + 0.2 * (title_lines - 1)) * nrows + 0.9
                                                     + 0.25 * legend_rows), squeeze=False, layout="constrained")
@@ -147,7 +157,7 @@ def plot_curves(groups: list[Group], path: Path, title: str) -> Path | None:
     handles = [plt.Line2D([], [], color=colours[label], linewidth=2) for label in labels]
     fig.legend(handles, labels, loc="outside lower center", ncols=per_row, fontsize=8, frameon=False)
     # wrapped here, not with wrap=True: matplotlib measures wrapped text as mathtext whatever parse_math says
-    suptitle = textwrap.fill(f"{title}: accuracy vs round ({_seeds_text(groups)})", int(width / 0.09))  # 11 pt
+    suptitle = _fill(f"{title}: accuracy vs round ({_seeds_text(groups)})", int(width / 0.09))  # 11 pt
     fig.suptitle(suptitle, fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -195,7 +205,7 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
-        fig.suptitle(textwrap.fill(f"{title}: GMA mask over rounds (mean and 95% interval over seeds)", 120),
+        fig.suptitle(_fill(f"{title}: GMA mask over rounds (mean and 95% interval over seeds)", 120),
                      fontsize=11)  # 11 in wide
     else:
         groups = sorted(groups, key=lambda g: (g.algorithm, g.threshold or 0))
@@ -210,7 +220,7 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
                       linewidth=1, band=False)
             _band(ax_density, group.runs, "mask_density", "all coordinates", source="rounds", bounds=UNIT,
                   color="black", linewidth=2)
-            ax_density.set_title(textwrap.fill(f"{group_name(group)}: mask density", 70), fontsize=9)
+            ax_density.set_title(_fill(f"{group_name(group)}: mask density", 70), fontsize=9)
             ax_density.set_ylabel("mean of mask")
             _band(ax_agree, group.runs, "agreement_mean", "mean agreement", source="rounds", bounds=UNIT)
             _band(ax_agree, group.runs, "mask_pass_fraction", "fraction with agreement ≥ τ", source="rounds",
@@ -232,7 +242,7 @@ def plot_mask(groups: list[Group], path: Path, title: str) -> Path | None:
             for ax in (ax_density, ax_agree, ax_hist):
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
-        fig.suptitle(textwrap.fill(f"{title}: GMA mask statistics (mean and 95% interval over seeds)", 155),
+        fig.suptitle(_fill(f"{title}: GMA mask statistics (mean and 95% interval over seeds)", 155),
                      fontsize=11)  # 14 in wide
     if sweep:
         fig.tight_layout()
@@ -314,7 +324,7 @@ def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = list(dict.fromkeys(_method_name(r) for r in rows))
     short, base = _deviations(rows)
-    labels = ["\n".join(textwrap.wrap(short[s], 42)) for s in settings]
+    labels = ["\n".join(_wrap(short[s], 42)) for s in settings]
     height = 1.6 + sum(0.28 + 0.12 * (label.count("\n") + 1) for label in labels) * max(1, len(methods)) ** 0.25
     fig, axes = plt.subplots(1, len(keys), figsize=(max(9.0, 3 + 5.5 * len(keys)), height + 0.3 * len(methods)),
                              squeeze=False, layout="constrained", sharey=True)
@@ -344,7 +354,7 @@ def plot_gains(rows: list[dict[str, Any]], path: Path) -> Path | None:
     title = (f"Each method − plain averaging, paired by seed: mean and 95% t-interval over {_seed_range(rows)} "
              "seeds (filled: significant after Holm)")
     if base:
-        title += "\n" + textwrap.fill(f"settings named by how they differ from the base setting ({base})", 120)
+        title += "\n" + _fill(f"settings named by how they differ from the base setting ({base})", 120)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -508,7 +518,7 @@ def plot_gain_map(rows: list[dict[str, Any]], path: Path, method: str = "gma") -
             if sig:
                 ax.plot(*zip(*sig, strict=True), linestyle="none", marker=marker, markersize=7, color=colour, zorder=3)
         ax.axhline(0, color="black", linewidth=1)
-        ax.set_xticks(range(len(xs)), [textwrap.fill(x[0], 18) or "all settings" for x in xs])
+        ax.set_xticks(range(len(xs)), [_fill(x[0], 18) or "all settings" for x in xs])
         ax.set_xlim(-0.6, len(xs) - 0.4)
         ax.set_xlabel(shown[0][1] if shown else "")
         if len(shown) > 2:
@@ -529,7 +539,7 @@ def plot_gain_map(rows: list[dict[str, Any]], path: Path, method: str = "gma") -
     seeds = _seed_range(rows)
     title = (f"{method} − plain averaging by setting: mean and 95% t-interval over {seeds} paired "
              f"seed{'' if seeds == '1' else 's'}"
-             + ("\n" + textwrap.fill(f"(only {', '.join(fixed_text)})", 110) if fixed_text else ""))
+             + ("\n" + _fill(f"(only {', '.join(fixed_text)})", 110) if fixed_text else ""))
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
