@@ -139,11 +139,12 @@ def test_bad_inputs_are_named():
 # --------------------------------------------------------------------------------------------
 
 DROPPER, DROP_ROUND = 3, 2
-DROPS = {DROP_ROUND: {DROPPER}}  # round -> the clients that drop out after sharing their keys
 RECORDED: list[dict] = []
 
 
-def _client_app():
+def _client_app(drops: dict[int, set[int]]):
+    """5 clients; ``drops``: round -> the clients that drop out after sharing their keys (shipped to the
+    client runtime in the app's closure, not read from a module global there)."""
     from flwr.client import ClientApp, NumPyClient
 
     from fedgma.flower.secure import fedgma_secaggplus_mod
@@ -154,7 +155,7 @@ def _client_app():
 
         def fit(self, parameters, config):
             rnd = int(config["round"])
-            if self.pid in DROPS.get(rnd, ()):
+            if self.pid in drops.get(rnd, ()):
                 raise RuntimeError("client drops out after sharing its keys")
             delta = client_update(self.pid, rnd)
             return [p + d for p, d in zip(parameters, delta, strict=True)], num_examples(self.pid), {}
@@ -198,9 +199,7 @@ def test_secure_gma_on_flowers_runtime_equals_plaintext_gma_and_survives_one_dro
     from fedgma.server_opt import make_server_optimizer
 
     RECORDED.clear()
-    DROPS.clear()
-    DROPS[DROP_ROUND] = {DROPPER}
-    simulate(_server_app(), _client_app(), num_supernodes=5)
+    simulate(_server_app(), _client_app({DROP_ROUND: {DROPPER}}), num_supernodes=5)
     assert [r["nodes"] for r in RECORDED] == [5, 5]
     assert [(r["num_clients"], r["num_dropped"]) for r in RECORDED] == [(5, 0), (4, 1)]
     assert RECORDED[1]["metrics"]["secure-num-dropped"] == 1
@@ -230,13 +229,7 @@ def test_a_round_with_fewer_survivors_than_the_reconstruction_threshold_is_skipp
     from flower_sim import simulate  # beside this file (rootdir conftest puts it on sys.path)
 
     RECORDED.clear()
-    DROPS.clear()
-    DROPS[2] = {1, 3, 4}
-    try:
-        simulate(_server_app(num_rounds=3), _client_app(), num_supernodes=5)
-    finally:
-        DROPS.clear()
-        DROPS[DROP_ROUND] = {DROPPER}
+    simulate(_server_app(num_rounds=3), _client_app({2: {1, 3, 4}}), num_supernodes=5)
     assert [r["nodes"] for r in RECORDED] == [5, 5, 5]
     assert "aggregate" in RECORDED[0] and "aggregate" not in RECORDED[1]  # round 2: aggregate_fit never ran
     assert [(r.get("num_clients"), r.get("num_dropped")) for r in RECORDED] == [(5, 0), (None, None), (5, 0)]
