@@ -7,6 +7,7 @@ metrics do not depend on who computed its blocks or in what order (the parent ad
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ from fedgma.data.datasets import load_dataset
 from fedgma.data.federated import FederatedDataset
 from fedgma.evaluation import BLOCK, FORWARD_CHUNK, Block, BlockResult, blocks_of, evaluate, evaluate_all
 from fedgma.models import FlatModel, build_model
+from fedgma.registry import MODELS
 from fedgma.seeding import torch_generator
 from fedgma.simulation import run
 
@@ -43,8 +45,18 @@ def _model(name: str, data: FederatedDataset) -> FlatModel:
     return FlatModel(build_model(name, data.input_shape, data.num_classes, torch_generator(0, "init")))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", MODELS.names())  # every registered model
 def test_the_chunked_forward_gives_the_one_pass_loss_sum_bit_for_bit(digits, name) -> None:
+    """At one thread (the golden fixtures', the science suite's and the multiprocess workers' setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_chunked_forward(digits, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_chunked_forward(digits, name: str) -> None:
     model = _model(name, digits)
     x, y = digits.test.x[:BLOCK], digits.test.y[:BLOCK]
     assert len(x) > FORWARD_CHUNK  # the block really is cut into chunks
@@ -123,6 +135,12 @@ def test_the_multiprocess_workers_evaluate_with_the_parents_bits(digits, monkeyp
         assert backend.evaluate_blocks(params, blocks) == expected  # no stale reply left behind
         again = list(backend.train(params, [4, 5], 2, PlainClient(settings)))  # and it still trains
         assert [r.client_id for r in again] == [4, 5]
+        dropped = backend.train(params, [0, 1, 2, 3], 3, PlainClient(settings))
+        next(dropped)  # a round abandoned after one result and garbage-collected at once: closing it reads the
+        del dropped  # replies still owed, so none is taken for the evaluation's or the next round's
+        gc.collect()
+        assert backend.evaluate_blocks(params, blocks) == expected
+        assert [r.client_id for r in backend.train(params, [6, 7], 4, PlainClient(settings))] == [6, 7]
         process = backend._workers[0][0]
         process.kill()
         process.join()

@@ -202,7 +202,7 @@ def test_several_runs_folders_make_one_report(tmp_path: Path) -> None:
     lines = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "lines"), "--title", "τ\n study "])
     assert lines.exit_code == 0, lines.output  # one line: a newline would end the Markdown heading
     assert (tmp_path / "lines" / "report.md").read_text().startswith("# Report: τ study\n\n")
-    odd = "a *b* [c](d) `e` <i>f</i> x_y_ \\ | ~g~ #"
+    odd = "a *b* [c](d) `e` <i>f</i> x_y_ \\ | ~g~ R&amp;D &lt;img&gt; #"
     marked = CliRunner().invoke(main, ["report", *folders, "--out", str(tmp_path / "marked"), "--title", odd])
     assert marked.exit_code == 0, marked.output  # Markdown in a title is shown as written, not rendered
     first_line = (tmp_path / "marked" / "report.md").read_text().splitlines()[0]

@@ -273,18 +273,23 @@ class MultiprocessBackend:
 
         def collect() -> Iterator[ClientResult]:
             received: dict[int, tuple] = {}
-            for c in client_ids:
-                while c not in received:  # a worker replies in its task order: buffer the others
-                    reply = receive(owner[c], c)
-                    received[reply[0]] = reply
-                client_id, num_samples, num_steps, train_loss, error = received.pop(c)
-                if error is not None:
-                    for worker, count in enumerate(outstanding):  # no stale reply may reach the next round
+            try:
+                for c in client_ids:
+                    while c not in received:  # a worker replies in its task order: buffer the others
+                        reply = receive(owner[c], c)
+                        received[reply[0]] = reply
+                    client_id, num_samples, num_steps, train_loss, error = received.pop(c)
+                    if error is not None:
+                        raise RuntimeError(f"multiprocess worker {owner[c]} failed on client {client_id}:\n{error}")
+                    # a view of the client's slot, not a copy: valid until the next call of train
+                    yield ClientResult(client_id, updates[slot_of[c]], num_samples, num_steps, train_loss)
+            finally:
+                # a round that failed, or was closed before its last result (abandoned and garbage-collected, say):
+                # read the replies still owed, so that none reaches the next round or evaluation
+                with contextlib.suppress(RuntimeError):  # a dead worker owes nothing; the error that ends the run
+                    for worker, count in enumerate(outstanding):
                         for _ in range(count):
-                            receive(worker, client_id)
-                    raise RuntimeError(f"multiprocess worker {owner[c]} failed on client {client_id}:\n{error}")
-                # a view of the client's slot, not a copy: valid until the next call of train
-                yield ClientResult(client_id, updates[slot_of[c]], num_samples, num_steps, train_loss)
+                            receive(worker, -1)
 
         self._pending = collect()
         yield from self._pending

@@ -34,8 +34,8 @@ __all__ = ["plural", "write_report"]
 
 
 # CommonMark lets any ASCII punctuation be backslash-escaped; these are the ones that format inline text
-# (emphasis, code, links, HTML, tables, strikethrough, a closing # of a heading).
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~!])")
+# (emphasis, code, links, HTML, entity references, tables, strikethrough, a closing # of a heading).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~!&])")
 
 
 def markdown_text(text: str) -> str:
