@@ -17,7 +17,9 @@ crossed with the aggregators compared). For every point of a study and every agg
   which is what reports compare. Picks go to ``<out>/full/lrs.json``.
 
 * **report**: ``fedgma report`` over the full stage's evaluation folders (the comparisons) into ``<to>``,
-  and over its tuning folders into ``<to>/tuning`` (every lr, on the tuning seeds); the lr choices of
+  and over its tuning folders into ``<to>/tuning`` (every lr, on the tuning seeds); a study with
+  ``report = "<folder>"`` in the suite (the CNN) gets its own tables, and its own Holm family, in
+  ``<to>/<folder>`` and ``<to>/<folder>/tuning``, leaving the main table's as they were; the lr choices of
   both stages as ``lr_choices.csv``; ``stages.jsonl``; and every run's config, summary, metrics and
   per-round log packed in ``runs.tar.xz``, so anyone can recompute the tables.
 
@@ -183,16 +185,26 @@ def report(out: Path, to: Path) -> int:
     # have all run): a stage cut short must not report a point on fewer seeds than the protocol asks
     path = out / "full" / "lrs.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
-    evaluation = [out / "full" / key / "evaluation" for key in sorted(done)]
-    tuning = [out / "full" / key / "tuning" for key in sorted(done)]
-    if not evaluation:
+    # a study with `report = "<folder>"` in the suite answers its own question (the CNN): its own tables in
+    # <to>/<folder>, its own Holm family, and the main table's comparisons and corrections stay as they were
+    separate = {name: study["report"] for name, study in tomllib.loads(SUITE.read_text())["studies"].items()
+                if "report" in study}
+    tables = {to: ("science suite", [k for k in sorted(done) if k.split("/")[0] not in separate])}
+    for name, folder in separate.items():
+        tables[to / folder] = (f"science suite, {name} study", [k for k in sorted(done) if k.split("/")[0] == name])
+    if not any(keys for _, keys in tables.values()):
         print(f"science report: no evaluation runs under {out / 'full'}; run the full stage first", file=sys.stderr)
         return 1
-    to.mkdir(parents=True, exist_ok=True)
-    subprocess.run([fedgma, "report", *map(str, evaluation), "--out", str(to),
-                    "--title", f"science suite, evaluation seeds ({len(evaluation)} points and methods)"], check=True)
-    subprocess.run([fedgma, "report", *map(str, tuning), "--out", str(to / "tuning"),
-                    "--title", f"science suite, tuning seeds ({len(tuning)} points and methods)"], check=True)
+    for folder, (title, keys) in tables.items():
+        if not keys:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        evaluation = [out / "full" / key / "evaluation" for key in keys]
+        tuning = [out / "full" / key / "tuning" for key in keys]
+        subprocess.run([fedgma, "report", *map(str, evaluation), "--out", str(folder),
+                        "--title", f"{title}, evaluation seeds ({len(keys)} points and methods)"], check=True)
+        subprocess.run([fedgma, "report", *map(str, tuning), "--out", str(folder / "tuning"),
+                        "--title", f"{title}, tuning seeds ({len(keys)} points and methods)"], check=True)
     rows = lr_rows(out)
     with (to / "lr_choices.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["stage", "study", "point", "method", "lr", "on_edge", "scores"])
@@ -204,7 +216,8 @@ def report(out: Path, to: Path) -> int:
             for name in RUN_FILES:
                 if (summary.parent / name).is_file():
                     archive.add(summary.parent / name, arcname=str((summary.parent / name).relative_to(out)))
-    print(f"science report: {len(evaluation)} evaluation folders, {len(rows)} lr choices; tables in {to}")
+    print(f"science report: {len(done)} evaluation folders, {len(rows)} lr choices; tables in "
+          + ", ".join(str(folder) for folder, (_, keys) in tables.items() if keys))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -58,3 +59,23 @@ def test_every_study_point_is_a_valid_config():
             for method in study["methods"]:
                 load_config(science.BASE, [*study.get("overrides", []), *point,
                                            f'server.aggregator={{name = "{method}"}}'])  # raises if not
+
+
+def test_a_study_with_its_own_report_is_left_out_of_the_main_table(tmp_path, monkeypatch):
+    """``report = "cnn"``: the CNN's points get their own tables in <to>/cnn (their own Holm family); the main
+    report over <to> keeps only the other studies' points, so its comparisons and corrections do not move."""
+    science = _load("science")
+    out, to = tmp_path / "runs", tmp_path / "docs"
+    keys = ["heterogeneity/partition=iid/mean", "heterogeneity/partition=iid/gma",
+            "cnn/algorithm=fedavg_partition=iid/mean", "cnn/algorithm=fedavg_partition=iid/gma"]
+    (out / "full").mkdir(parents=True)
+    (out / "full" / "lrs.json").write_text(json.dumps({k: {"lr": 1.0, "scores": {"1": 0.5}} for k in keys}))
+    (out / "stages.jsonl").write_text("")
+    calls = []
+    monkeypatch.setattr(science.subprocess, "run", lambda args, check: calls.append(args))
+    assert science.report(out, to) == 0
+    reports = {args[args.index("--out") + 1]: args[2 : args.index("--out")] for args in calls}
+    assert reports[str(to)] == [str(out / "full" / k / "evaluation") for k in sorted(keys[:2])]
+    assert reports[str(to / "cnn")] == [str(out / "full" / k / "evaluation") for k in sorted(keys[2:])]
+    assert reports[str(to / "cnn" / "tuning")] == [str(out / "full" / k / "tuning") for k in sorted(keys[2:])]
+    assert len(calls) == 4 and (to / "lr_choices.csv").is_file() and (to / "runs.tar.xz").is_file()
