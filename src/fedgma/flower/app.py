@@ -17,7 +17,7 @@ To make the two engines do the same arithmetic:
   :class:`fedgma.flower.strategy.FedgmaStrategy`) and steps with the recipe's own server optimizer
   (``fedgma.server_opt``), on the flat parameter vector;
 * evaluation is central, on the server, every ``eval_every`` rounds, with
-  :func:`fedgma.simulation.evaluate`.
+  :func:`fedgma.evaluation.evaluate_all`.
 
 The one difference is that a client replies with its model θ + Δ (Flower's convention) and the
 server takes Δ' = (θ + Δ) − θ, which differs from Δ by float32 rounding.

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fedgma.client import ClientResult, train_client
 from fedgma.config import parse_config, resolve
+from fedgma.evaluation import evaluate
 from fedgma.flower.records import (
     SCAFFOLD_C,
     SCAFFOLD_CI,
@@ -45,7 +46,7 @@ from fedgma.flower.records import (
 from fedgma.flower.run_config import EXPERIMENT_KEY, PARTITION_KEY, build_data, build_flat_model
 from fedgma.flower.secure import fedgma_secaggplus_mod
 from fedgma.seeding import torch_generator
-from fedgma.simulation import evaluate, local_settings
+from fedgma.simulation import local_settings
 
 __all__ = ["client_app"]
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from fedgma.checkpoint import atomic_write, lock_folder, record_failure
 from fedgma.client import ClientResult, ScaffoldClient, mean_train_loss
 from fedgma.config import Config, config_to_toml
+from fedgma.evaluation import evaluate_all
 from fedgma.flower.records import (
     SCAFFOLD_C,
     SCAFFOLD_COMMITTED,
@@ -444,7 +445,7 @@ def _run(grid: Grid, config: Config, out: Path | None, progress: bool, round_tim
     data = build_data(config)
     model = build_flat_model(config, data)
     params = model.params.clone()
-    initial = simulation.evaluate_all(model, params, data)
+    initial = evaluate_all(model, params, data)
     history: list[dict[str, Any]] = []
     state = {"total_steps": 0, "round_start": time.perf_counter()}
     logs = {}
@@ -466,7 +467,7 @@ def _run(grid: Grid, config: Config, out: Path | None, progress: bool, round_tim
             bar.update(server_round)
             return None
         now = current()
-        record = {"round": server_round, **simulation.evaluate_all(model, now, data)}
+        record = {"round": server_round, **evaluate_all(model, now, data)}
         if "train_loss" in round_record:  # not sent in clear under secure aggregation
             record.update(train_loss=round_record["train_loss"], total_local_steps=state["total_steps"])
         record.update({k: v for k, v in stats.items() if isinstance(v, float)})
