@@ -17,7 +17,7 @@ backend's up to the float differences of a different thread count, and come back
 the client ids. A worker that dies raises an error naming it and its client. Between rounds the
 workers also evaluate the global model (:meth:`MultiprocessBackend.evaluate_blocks`, which
 ``fedgma run`` uses): they are idle while the parent evaluates, and evaluating the FedAvg CNN on
-16,000 images takes 0.40× the parent's one-thread time with 2 workers (``python benchmarks/bench.py
+15,999 images takes 0.40× the parent's one-thread time with 2 workers (``python benchmarks/bench.py
 --parts eval``, docs/PERFORMANCE.md).
 
 Workers never outlive the parent: each closes the pipe ends it inherited from the parent (its own
