@@ -4,6 +4,7 @@
     python scripts/science.py full   [--out runs/science] [--jobs 2] [--study NAME ...]
     python scripts/science.py coarse --smoke --out /tmp/science-smoke   # digits, 2 rounds: checks the script
     python scripts/science.py report [--out runs/science] [--to docs/results/science]
+    python scripts/science.py status [--out runs/science] [--study NAME ...]   # where each point stands
 
 The studies are in scripts/science_suite.toml (each a grid of config overrides on configs/science/base.toml,
 crossed with the aggregators compared). For every point of a study and every aggregator:
@@ -178,6 +179,58 @@ def lr_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def status(out: Path, suite: dict[str, Any], studies: list[str]) -> list[dict[str, Any]]:
+    """Where each point and method of ``studies`` stands: its coarse pick, and its full stage's finished tuning
+    and evaluation runs against the planned ones (3 lrs × the tuning seeds, more if the grid widens; the
+    evaluation seeds). Reads the run folders only; starts nothing."""
+    protocol = suite["protocol"]
+
+    def picks(stage: str) -> dict[str, Any]:
+        path = out / stage / "lrs.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def finished(folder: Path) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
+
+    coarse, full = picks("coarse"), picks("full")
+    rows = []
+    for name in studies:
+        study = suite["studies"][name]
+        evaluation = study.get("evaluation_seeds", protocol["evaluation_seeds"])
+        for point in points(study):
+            for method in study["methods"]:
+                key = f"{name}/{_name(point)}/{method}"
+                folder = out / "full" / name / _name(point) / method
+                tuning, evaluated = finished(folder / "tuning"), finished(folder / "evaluation")
+                rows.append({
+                    "key": key,
+                    "coarse_lr": coarse.get(key, {}).get("lr"),
+                    "tuning_runs": len(tuning),
+                    "tuning_planned": max(3 * len(protocol["tuning_seeds"]), len(tuning)),
+                    "evaluation_runs": len(evaluated),
+                    "evaluation_planned": len(evaluation),
+                    "done": key in full,
+                    "wall_s": [r["wall_s"] for r in tuning + evaluated if "wall_s" in r],
+                })
+    return rows
+
+
+def print_status(rows: list[dict[str, Any]]) -> None:
+    """The table of :func:`status`, and the runs left with a rough wall-time estimate (median finished run)."""
+    print(f"{'point / method':<75} {'coarse lr':>9} {'tuning':>7} {'evaluation':>10}  done")
+    for r in rows:
+        lr = "—" if r["coarse_lr"] is None else f"{r['coarse_lr']:g}"
+        print(f"{r['key']:<75} {lr:>9} {r['tuning_runs']:>3}/{r['tuning_planned']:<3} "
+              f"{r['evaluation_runs']:>5}/{r['evaluation_planned']:<4}  {'yes' if r['done'] else 'no'}")
+    left = sum(r["tuning_planned"] - r["tuning_runs"] + r["evaluation_planned"] - r["evaluation_runs"]
+               for r in rows if not r["done"])
+    walls = sorted(w for r in rows for w in r["wall_s"])
+    estimate = f", ≈ {left * walls[len(walls) // 2] / 3600:.1f} h of wall at the median finished run's " \
+               f"{walls[len(walls) // 2] / 60:.1f} min" if walls and left else ""
+    print(f"full stage: {sum(r['done'] for r in rows)} of {len(rows)} points and methods done; "
+          f"about {left} runs left{estimate} (resumed runs report only their last part's wall time)")
+
+
 def report(out: Path, to: Path) -> int:
     """Tables of the full stage (``fedgma report``), the lr choices, the stage log and the packed runs, into ``to``."""
     fedgma = shutil.which("fedgma") or str(Path(sys.executable).parent / "fedgma")
@@ -223,7 +276,7 @@ def report(out: Path, to: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["coarse", "full", "report"])
+    parser.add_argument("stage", choices=["coarse", "full", "report", "status"])
     parser.add_argument("--to", type=Path, default=ROOT / "docs" / "results" / "science",
                         help="report: the folder the tables go to")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "science")
@@ -238,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(studies) - set(suite["studies"]))
     if unknown:
         parser.error(f"unknown studies {unknown}; known: {', '.join(suite['studies'])}")
+    if args.stage == "status":
+        print_status(status(args.out, suite, studies))
+        return 0
     stage = Stage(args.stage, args.out, args.jobs, args.smoke, suite["protocol"])
     stage.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "stages.jsonl"

@@ -79,3 +79,22 @@ def test_a_study_with_its_own_report_is_left_out_of_the_main_table(tmp_path, mon
     assert reports[str(to / "cnn")] == [str(out / "full" / k / "evaluation") for k in sorted(keys[2:])]
     assert reports[str(to / "cnn" / "tuning")] == [str(out / "full" / k / "tuning") for k in sorted(keys[2:])]
     assert len(calls) == 4 and (to / "lr_choices.csv").is_file() and (to / "runs.tar.xz").is_file()
+
+
+def test_status_counts_each_points_finished_runs_against_the_plan(tmp_path, capsys):
+    science = _load("science")
+    suite = {"protocol": {"tuning_seeds": [100, 101], "evaluation_seeds": [0, 1, 2, 3, 4]},
+             "studies": {"s": {"methods": ["mean", "gma"], "grid": {"client.local_epochs": [5]}}}}
+    (tmp_path / "coarse").mkdir()
+    (tmp_path / "coarse" / "lrs.json").write_text(json.dumps({"s/local_epochs=5/mean": {"lr": 2.0, "scores": {}}}))
+    base = tmp_path / "full" / "s" / "local_epochs=5"
+    for i, part in enumerate(["tuning/lr=1.0_seed100", "tuning/lr=2.0_seed100", "evaluation/lr=2.0_seed0"]):
+        (base / "mean" / part).mkdir(parents=True)
+        (base / "mean" / part / "summary.json").write_text(json.dumps({"wall_s": 60.0 * (i + 1)}))
+    (base / "gma" / "tuning" / "lr=1.0_seed100").mkdir(parents=True)  # started, not finished: not counted
+    rows = science.status(tmp_path, suite, ["s"])
+    assert [(r["key"], r["coarse_lr"], r["tuning_runs"], r["tuning_planned"], r["evaluation_runs"],
+             r["evaluation_planned"], r["done"]) for r in rows] == [
+        ("s/local_epochs=5/mean", 2.0, 2, 6, 1, 5, False), ("s/local_epochs=5/gma", None, 0, 6, 0, 5, False)]
+    science.print_status(rows)
+    assert "about 19 runs left, ≈ 0.6 h of wall at the median finished run's 2.0 min" in capsys.readouterr().out
