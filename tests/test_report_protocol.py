@@ -27,13 +27,13 @@ DIRICHLET = {"name": "dirichlet", "alpha": 0.1, "min_size": 10}
 def write_run(folder: Path, *, seed: int, test: list[float], aggregator: str = "mean", lr: float = 1.0,
               validation: list[float] | None = None, every: int = 10, partition: dict | None = None,
               clients: int = 10, epochs: int = 1, algorithm: str = "fedavg", initial: float | None = None,
-              diverged: bool = False, momentum: float = 0.0) -> Path:
+              diverged: bool = False, momentum: float = 0.0, optimizer: str = "sgd") -> Path:
     """A run folder in today's config shape: ``test`` (and ``validation``) accuracy at rounds every, 2·every, ...
     (or, with ``diverged``, a run that stopped on a non-finite model)."""
     folder.mkdir(parents=True)
     config = {"name": "t", "seed": seed, "algorithm": algorithm,
               "server": {"clients_per_round": clients, "aggregator": {"name": aggregator},
-                         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum}},
+                         "optimizer": {"name": optimizer, "lr": lr, "momentum": momentum}},
               "client": {"local_epochs": epochs}, "data": {"partition": partition or DIRICHLET}}
     (folder / "config.toml").write_text(tomli_w.dumps(config))
     if diverged:
@@ -390,3 +390,19 @@ def test_figure_titles_wrap_at_spaces_not_at_hyphens() -> None:
     from fedgma.report.figures import _fill
 
     assert _fill("a study of dirichlet-alpha0.1-min", 25) == "a study of\ndirichlet-alpha0.1-min"  # not "…dirichlet-\n"
+
+
+def test_methods_tuned_to_different_server_lrs_share_their_settings_label(tmp_path) -> None:
+    """The server optimizer varies between settings (sgd, adam), and each method has its own tuned lr: the lr is
+    the method's, not the setting's, so both methods' rows carry one label and are drawn in one row of the
+    gains figure (a headline-option change once split them)."""
+    for optimizer in ("sgd", "adam"):
+        for seed in (0, 1):
+            for aggregator, lr in (("mean", 1.0), ("gma", 2.0), ("gma_random_mask", 4.0)):
+                write_run(tmp_path / f"{optimizer}_{aggregator}_seed{seed}", seed=seed, aggregator=aggregator,
+                          lr=lr, optimizer=optimizer, test=[0.5, 0.6 + 0.01 * (aggregator != "mean")])
+    rows = gain_rows(make_groups(find_runs(tmp_path)))
+    labels = {}
+    for row in rows:
+        labels.setdefault(row["values"]["server.optimizer.name"], set()).add(row["setting"])
+    assert {k: len(v) for k, v in labels.items()} == {"sgd": 1, "adam": 1}, labels

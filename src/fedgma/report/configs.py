@@ -44,12 +44,17 @@ _NAMES = {
 }
 
 
+#: A setting part's options that say what the part is (the skew of a Dirichlet split): shown in a setting's
+#: label even where they do not vary, once the part itself does. Not the server optimizer's lr or momentum:
+#: they are a method's tuned values, not a setting.
+_HEADLINE = {"data.partition": ("data.partition.alpha",)}
+
+
 def headline_options(parts: Iterable[str]) -> list[str]:
-    """The options of ``parts`` (``"data.partition"``) with readable names (``data.partition.alpha``): what a
-    setting's label shows even when it does not vary, once the part itself does (``dirichlet, Dirichlet
-    α=0.1`` against ``iid``, not a bare ``dirichlet``)."""
-    parts = list(parts)
-    return [k for k in _NAMES if not k.endswith(".name") and any(k.startswith(p + ".") for p in parts)]
+    """The headline options of ``parts`` (``"data.partition"`` -> ``data.partition.alpha``): what a setting's
+    label shows even when they do not vary, once the part itself does (``dirichlet, Dirichlet α=0.1``
+    against ``iid``, not a bare ``dirichlet``)."""
+    return [k for p in parts for k in _HEADLINE.get(p, ())]
 
 
 def is_method_key(key: str) -> bool:
