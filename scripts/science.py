@@ -20,7 +20,8 @@ crossed with the aggregators compared). For every point of a study and every agg
 * **report**: ``fedgma report`` over the full stage's evaluation folders (the comparisons) into ``<to>``,
   and over its tuning folders into ``<to>/tuning`` (every lr, on the tuning seeds); a study with
   ``report = "<folder>"`` in the suite (the CNN) gets its own tables, and its own Holm family, in
-  ``<to>/<folder>`` and ``<to>/<folder>/tuning``, leaving the main table's as they were; the lr choices of
+  ``<to>/<folder>`` and ``<to>/<folder>/tuning``, leaving the main table's as they were; for every study
+  (those with their own tables too), in ``<to>``: the lr choices of
   both stages as ``lr_choices.csv``; ``stages.jsonl``; and every run's config, summary, metrics and
   per-round log packed in ``runs.tar.xz``, so anyone can recompute the tables.
 

@@ -45,18 +45,18 @@ def _model(name: str, data: FederatedDataset) -> FlatModel:
     return FlatModel(build_model(name, data.input_shape, data.num_classes, torch_generator(0, "init")))
 
 
-@pytest.mark.parametrize("name", MODELS.names())  # every registered model
-def test_the_chunked_forward_gives_the_one_pass_loss_sum_bit_for_bit(digits, name) -> None:
-    """At one thread (the golden fixtures', the science suite's and the multiprocess workers' setting)."""
+@pytest.fixture
+def one_thread():
+    """The parent at one thread, as each worker: the setting where their bits must agree."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        _check_chunked_forward(digits, name)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def _check_chunked_forward(digits, name: str) -> None:
+@pytest.mark.parametrize("name", MODELS.names())  # every registered model
+def test_the_chunked_forward_gives_the_one_pass_loss_sum_bit_for_bit(digits, one_thread, name) -> None:
+    """At one thread (the golden fixtures', the science suite's and the multiprocess workers' default)."""
     model = _model(name, digits)
     x, y = digits.test.x[:BLOCK], digits.test.y[:BLOCK]
     assert len(x) > FORWARD_CHUNK  # the block really is cut into chunks
@@ -111,7 +111,8 @@ def test_an_unknown_set_is_a_key_error(digits) -> None:
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: the workers get the data pickled
-def test_the_multiprocess_workers_evaluate_with_the_parents_bits(digits, monkeypatch, start_method) -> None:
+def test_the_multiprocess_workers_evaluate_with_the_parents_bits(digits, monkeypatch, one_thread,
+                                                                 start_method) -> None:
     settings = LocalSGD(batch_size=8, lr=0.05)
     model = _model("cnn", digits)
     backend = make_backend("multiprocess", model, digits, settings, 3, workers=2, start_method=start_method)

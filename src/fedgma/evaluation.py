@@ -8,10 +8,10 @@ logits do (same model, same thread count). Within a block the forward pass runs 
 :data:`FORWARD_CHUNK` samples: on a CPU a convolution over 1,000 images at once spills the caches
 (``python benchmarks/bench.py --parts eval``: the FedAvg CNN on 15,999 Fashion-MNIST images, 7.1 s
 at once, 6.2 s in chunks, one thread). At one thread a sample's logits do not depend on the chunk it
-is in (checked for the MLP, the CNN, logistic regression and the GroupNorm ResNet), so the metrics
-have the bits of the earlier one-pass evaluation. With several threads the kernels split the work by
-batch size, and the logits may differ in the last bits (about 1e-6) from one pass, as they already
-differ between thread counts: losses then change in about the 7th digit.
+is in (tests/test_evaluation.py checks every registered model on the 8×8 digits images; the benchmark
+checks the MLP and the CNN on Fashion-MNIST), so the metrics have the bits of the earlier one-pass
+evaluation. With several threads the kernels may split the work by batch size, and the logits may
+then differ from one pass in their last bits, as they already differ between thread counts.
 
 A backend that trains in other processes can evaluate too: :func:`evaluate_all` hands the blocks
 to ``run_blocks`` (the multiprocess backend's :meth:`~fedgma.multiprocess.MultiprocessBackend.evaluate_blocks`),

@@ -16,9 +16,10 @@ of the round); a reply is four numbers. Each worker runs the reference
 backend's up to the float differences of a different thread count, and come back in the order of
 the client ids. A worker that dies raises an error naming it and its client. Between rounds the
 workers also evaluate the global model (:meth:`MultiprocessBackend.evaluate_blocks`, which
-``fedgma run`` uses): they are idle while the parent evaluates, and evaluating the FedAvg CNN on
-15,999 images takes 0.40× the parent's one-thread time with 2 workers (``python benchmarks/bench.py
---parts eval``, docs/PERFORMANCE.md).
+``fedgma run`` uses), instead of waiting while the parent does: with 2 workers, evaluating the
+FedAvg CNN on 15,999 images takes 0.40× the time of the parent's earlier one-pass evaluation at one
+thread, and 0.46× that of its chunked one (``python benchmarks/bench.py --parts eval``,
+docs/PERFORMANCE.md).
 
 Workers never outlive the parent: each closes the pipe ends it inherited from the parent (its own
 and earlier workers'), so a dead parent means end-of-file on its pipe, and on Linux each also asks
