@@ -127,12 +127,17 @@ class Stage:
         return score
 
 
+def picks_of(folder: Path) -> dict[str, Any]:
+    """A stage's server-lr picks, ``<folder>/lrs.json`` (``{}`` before its first point is done)."""
+    path = folder / "lrs.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_stage(stage: Stage, suite: dict[str, Any], studies: list[str]) -> dict[str, Any]:
     protocol = suite["protocol"]
     # picks of earlier runs of this stage (other studies) are kept: a stage run per group of studies
     # must not drop the record of the groups before it
-    earlier = stage.out / "lrs.json"
-    picks: dict[str, Any] = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    picks = picks_of(stage.out)
     coarse = {} if stage.name == "coarse" else json.loads((stage.out.parent / "coarse" / "lrs.json").read_text())
     for name in studies:
         study = suite["studies"][name]
@@ -168,10 +173,7 @@ def lr_rows(out: Path) -> list[dict[str, Any]]:
     """One row per stage, study point and method: the chosen server lr, whether it is the grid's edge, every score."""
     rows = []
     for stage in ("coarse", "full"):
-        path = out / stage / "lrs.json"
-        if not path.is_file():
-            continue
-        for key, pick in json.loads(path.read_text()).items():
+        for key, pick in picks_of(out / stage).items():
             study, point, method = key.split("/")
             lrs = sorted(float(lr) for lr in pick["scores"])
             rows.append({"stage": stage, "study": study, "point": point, "method": method, "lr": pick["lr"],
@@ -186,14 +188,10 @@ def status(out: Path, suite: dict[str, Any], studies: list[str]) -> list[dict[st
     evaluation seeds). Reads the run folders only; starts nothing."""
     protocol = suite["protocol"]
 
-    def picks(stage: str) -> dict[str, Any]:
-        path = out / stage / "lrs.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
     def finished(folder: Path) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
 
-    coarse, full = picks("coarse"), picks("full")
+    coarse, full = picks_of(out / "coarse"), picks_of(out / "full")
     rows = []
     for name in studies:
         study = suite["studies"][name]
@@ -237,8 +235,7 @@ def report(out: Path, to: Path) -> int:
     fedgma = shutil.which("fedgma") or str(Path(sys.executable).parent / "fedgma")
     # only points whose full stage is complete (in full/lrs.json, written once a point's evaluation seeds
     # have all run): a stage cut short must not report a point on fewer seeds than the protocol asks
-    path = out / "full" / "lrs.json"
-    done = json.loads(path.read_text()) if path.is_file() else {}
+    done = picks_of(out / "full")
     # a study with `report = "<folder>"` in the suite answers its own question (the CNN): its own tables in
     # <to>/<folder>, its own Holm family, and the main table's comparisons and corrections stay as they were
     separate = {name: study["report"] for name, study in tomllib.loads(SUITE.read_text())["studies"].items()
@@ -303,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with log.open("a") as file:
         file.write(json.dumps({**record, "event": "start"}) + "\n")
-    before = set(json.loads((stage.out / "lrs.json").read_text())) if (stage.out / "lrs.json").is_file() else set()
+    before = set(picks_of(stage.out))
     picks = run_stage(stage, suite, studies)
     points_run = len(set(picks) - before) or len(picks)
     with log.open("a") as file:

@@ -32,7 +32,7 @@ from fedgma.data.federated import FederatedDataset
 from fedgma.models import FlatModel
 
 __all__ = ["BLOCK", "FORWARD_CHUNK", "Block", "BlockResult", "blocks_of", "evaluate", "evaluate_all",
-           "evaluate_blocks", "evaluation_set"]
+           "evaluate_blocks", "evaluation_set", "evaluation_sets"]
 
 BLOCK = 1000  # samples per block: the unit of the loss sum and of the work a backend spreads
 FORWARD_CHUNK = 100  # samples per forward pass within a block
@@ -53,20 +53,23 @@ class BlockResult(NamedTuple):
     correct: int
 
 
+def evaluation_sets(data: FederatedDataset) -> dict[str, ArrayDataset]:
+    """Every set a run evaluates, by the name its blocks carry, in the order of the metrics: ``"test"``,
+    ``"extra/<key of data.extra_tests>"``, ``"holdout/<index>"``."""
+    return {"test": data.test, **{f"extra/{k}": v for k, v in data.extra_tests.items()},
+            **{f"holdout/{i}": c for i, c in enumerate(data.holdout_clients)}}
+
+
 def evaluation_set(data: FederatedDataset, name: str) -> ArrayDataset:
-    """The set a block names: ``"test"``, ``"extra/<key of data.extra_tests>"`` or ``"holdout/<index>"``.
+    """The set a block names (see :func:`evaluation_sets`).
 
     Raises:
         KeyError: no such set in ``data``.
     """
-    if name == "test":
-        return data.test
-    kind, _, key = name.partition("/")
-    if kind == "extra" and key in data.extra_tests:
-        return data.extra_tests[key]
-    if kind == "holdout" and key.isdigit() and int(key) < len(data.holdout_clients):
-        return data.holdout_clients[int(key)]
-    raise KeyError(f"no evaluation set {name!r}")
+    sets = evaluation_sets(data)
+    if name not in sets:
+        raise KeyError(f"no evaluation set {name!r}")
+    return sets[name]
 
 
 def blocks_of(name: str, size: int) -> list[Block]:
@@ -122,8 +125,7 @@ def evaluate_all(model: FlatModel, params: Tensor, data: FederatedDataset,
     results (in order) instead of ``model``; the metrics have the same bits either way when its
     workers run the same model with the same thread count.
     """
-    sets = {"test": data.test, **{f"extra/{k}": v for k, v in data.extra_tests.items()},
-            **{f"holdout/{i}": c for i, c in enumerate(data.holdout_clients)}}
+    sets = evaluation_sets(data)
     blocks = {name: blocks_of(name, len(s)) for name, s in sets.items()}
     flat = [b for name in sets for b in blocks[name]]
     if run_blocks is None:

@@ -235,10 +235,7 @@ class MultiprocessBackend:
         Raises:
             RuntimeError: a client failed in its worker (with the worker's traceback) or a worker died.
         """
-        if self._pending is not None:  # a previous round's generator was abandoned: let its clients finish
-            for _ in self._pending:
-                pass
-            self._pending = None
+        self._finish_pending()
         client_ids = [int(c) for c in client_ids]
         if self._slots is not None and len(client_ids) > self._slots.shape[1]:
             self.close()  # more clients than slots (a round larger than the first): restart with more
@@ -296,6 +293,13 @@ class MultiprocessBackend:
         yield from self._pending
         self._pending = None
 
+    def _finish_pending(self) -> None:
+        """A previous round's generator that was abandoned: let its clients finish and read their replies."""
+        if self._pending is not None:
+            for _ in self._pending:
+                pass
+            self._pending = None
+
     def evaluate_blocks(self, params: Tensor, blocks: Sequence[Block]) -> list[BlockResult]:
         """The results of ``blocks`` (see :mod:`fedgma.evaluation`) for ``params`` [d], computed in the workers.
 
@@ -309,10 +313,7 @@ class MultiprocessBackend:
         """
         if not self._workers:
             return evaluate_blocks(self.model, params, self.data, blocks)
-        if self._pending is not None:  # a round's generator was abandoned: let its clients finish first
-            for _ in self._pending:
-                pass
-            self._pending = None
+        self._finish_pending()
         self._shared.copy_(params)
         loads = [0] * len(self._workers)
         assignment: list[list[int]] = [[] for _ in self._workers]
