@@ -95,6 +95,21 @@ def _federated(alpha: float, num_clients: int, partition: str = "dirichlet"):
     return FederatedDataset([splits.train.subset(p) for p in parts], splits.test, splits.num_classes)
 
 
+def _build(name: str, input_shape, num_classes: int):
+    """A registered model, or ``cnn-maxpool2d``: the CNN with ``nn.MaxPool2d(2)`` pools (before fedgma.pooling)."""
+    from fedgma.models import build_model
+    from fedgma.seeding import torch_generator
+
+    module = build_model(name.removesuffix("-maxpool2d"), input_shape, num_classes, torch_generator(0, "init"))
+    if name.endswith("-maxpool2d"):
+        from fedgma.pooling import MaxPool2x2
+
+        for index, layer in enumerate(module):
+            if isinstance(layer, MaxPool2x2):
+                module[index] = torch.nn.MaxPool2d(2)
+    return module
+
+
 def _sample(round_index: int, population: int, per_round: int) -> list[int]:
     from fedgma.seeding import numpy_rng
 
@@ -128,16 +143,15 @@ def run_train(args) -> dict:
     from fedgma.aggregation import MeanAggregator
     from fedgma.backends import make_backend
     from fedgma.client import LocalSGD, PlainClient
-    from fedgma.models import FlatModel, build_model
+    from fedgma.models import FlatModel
     from fedgma.round import ReplyPolicy, ServerState, run_round
-    from fedgma.seeding import torch_generator
     from fedgma.server_opt import make_server_optimizer
 
     kind, threads = STEP_MODES[args.mode]
     torch.set_num_threads(threads)
     data = _federated(args.alpha, 100)
     _reset_peak()  # peak memory of training, not of decoding the dataset files
-    module = build_model(args.model, data.input_shape, data.num_classes, torch_generator(0, "init"))
+    module = _build(args.model, data.input_shape, data.num_classes)
     settings = LocalSGD(batch_size=32, lr=0.01)
     times, steps_per_round = [], []
     if kind == "plain":
@@ -272,12 +286,11 @@ def run_eval(args) -> dict:
     from fedgma.client import LocalSGD, PlainClient
     from fedgma.data.federated import hold_out_validation
     from fedgma.evaluation import BLOCK, evaluate_all
-    from fedgma.models import FlatModel, build_model
-    from fedgma.seeding import torch_generator
+    from fedgma.models import FlatModel
 
     torch.set_num_threads(1)
     data = hold_out_validation(_federated(args.alpha, 100), 0.1, 0)
-    model = FlatModel(build_model(args.model, data.input_shape, data.num_classes, torch_generator(0, "init")))
+    model = FlatModel(_build(args.model, data.input_shape, data.num_classes))
     params = model.params.clone()
 
     @torch.no_grad()
@@ -364,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list: train (rounds/s per backend), agg (aggregation vs memory floor), "
                              "eval (one evaluation: parent vs the multiprocess workers), "
                              "scale (SCAFFOLD with many clients) (default: %(default)s)")
-    parser.add_argument("--models", default="mlp,cnn", help="train: models to time (default: %(default)s)")
+    parser.add_argument("--models", default="mlp,cnn",
+                        help="train, eval: models to time; cnn-maxpool2d is the CNN with nn.MaxPool2d pools, to "
+                             "measure fedgma.pooling (default: %(default)s)")
     parser.add_argument("--modes", default=",".join(STEP_MODES),
                         help="train: backends × threads to time (default: %(default)s)")
     parser.add_argument("--mode", default="sequential-1t", help=argparse.SUPPRESS)  # internal, for --child
@@ -399,8 +414,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fedgma bench: torch {torch.__version__}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start; medians of interleaved repeats, ratios within this run")
     if "train" in parts:
+        steps_per_s: dict[tuple[str, str], float] = {}
+        checksums: dict[tuple[str, str], float] = {}
         for model in args.models.split(","):
-            rounds = args.cnn_rounds if model == "cnn" else args.rounds
+            rounds = args.cnn_rounds if model.startswith("cnn") else args.rounds
             rows = bench_train(model, rounds, args.repeats, args.alpha, args.modes.split(","))
             _print_table(
                 f"train: {model}, Fashion-MNIST, 100 clients Dirichlet({args.alpha}), 10/round, batch 32, lr 0.01, "
@@ -409,6 +426,16 @@ def main(argv: list[str] | None = None) -> None:
                 [[r["mode"], f"{r['round_s']:.3f}", f"{r['steps_per_s']:.0f}", f"{r['peak_mb']:.0f}",
                   f"{r['vs_plain']:.2f}", f"{r['checksum']:.4f}"] for r in rows],
             )
+            steps_per_s.update({(model, r["mode"]): r["steps_per_s"] for r in rows})
+            checksums.update({(model, r["mode"]): r["checksum"] for r in rows})
+        pairs = [(m, m + "-maxpool2d") for m in args.models.split(",") if m + "-maxpool2d" in args.models.split(",")]
+        for new, old in pairs:  # fedgma.pooling's gain: the same modes with nn.MaxPool2d
+            _print_table(f"train: {new} (fedgma.pooling.MaxPool2x2) against {old} (nn.MaxPool2d), steps/s",
+                         ["mode", old, new, "× faster", "same checksum"],
+                         [[mode, f"{steps_per_s[old, mode]:.0f}", f"{steps_per_s[new, mode]:.0f}",
+                           f"{steps_per_s[new, mode] / steps_per_s[old, mode]:.2f}",
+                           "yes" if checksums[old, mode] == checksums[new, mode] else "NO"]
+                          for mode in args.modes.split(",")])
     if "agg" in parts:
         result = _child("agg", k=args.k, d=args.d, threads=args.threads, repeats=args.repeats)
         med = {name: statistics.median(t) for name, t in result["times"].items()}

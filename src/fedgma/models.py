@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fedgma import fastgrad
 from fedgma.aggregation import Layer
+from fedgma.pooling import MaxPool2x2
 from fedgma.registry import MODELS, NoOptions
 
 __all__ = ["FlatModel", "available_models", "build_model", "init_parameters"]
@@ -36,16 +37,19 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] 
 
 
 def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The FedAvg CNN of McMahan et al. 2017: two 5×5 convs (32, 64) each with 2×2 max-pool, fc 512, fc."""
+    """The FedAvg CNN of McMahan et al. 2017: two 5×5 convs (32, 64) each with 2×2 max-pool, fc 512, fc.
+
+    The pools are :class:`fedgma.pooling.MaxPool2x2`: ``nn.MaxPool2d(2)``'s results, faster on CPU.
+    """
     channels, height, width = _image_shape(input_shape)
     flat = 64 * (height // 4) * (width // 4)
     return nn.Sequential(
         nn.Conv2d(channels, 32, 5, padding=2),
         nn.ReLU(),
-        nn.MaxPool2d(2),
+        MaxPool2x2(),
         nn.Conv2d(32, 64, 5, padding=2),
         nn.ReLU(),
-        nn.MaxPool2d(2),
+        MaxPool2x2(),
         nn.Flatten(),
         nn.Linear(flat, 512),
         nn.ReLU(),
