@@ -30,6 +30,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -179,6 +180,7 @@ def run_train(args) -> dict:
             backend.close()
         final = state.params
     return {"round_s": times, "steps": steps_per_round, "checksum": float(final.double().abs().sum()),
+            "params_sha256": hashlib.sha256(final.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
             "peak_mb": max(_status_mb("VmHWM"), _children_peak_mb() if kind == "multiprocess" else 0.0)}
 
 
@@ -326,7 +328,8 @@ def run_eval(args) -> dict:
         backend.close()
     reference = results["parent, one pass per 1,000"]
     same = all({k: r[k] for k in reference} == reference for r in results.values())
-    return {"times": times, "same_bits": same, "samples": len(data.test) + len(data.extra_tests["validation"])}
+    return {"times": times, "same_bits": same, "metrics": reference,
+            "samples": len(data.test) + len(data.extra_tests["validation"])}
 
 
 def _child(part: str, **options) -> dict:
@@ -350,7 +353,7 @@ def bench_train(model: str, rounds: int, repeats: int, alpha: float, modes: list
         steps = [s for run in runs[mode] for s in run["steps"][1:] or run["steps"]]
         rows.append({"mode": mode, "round_s": statistics.median(round_s),
                      "steps_per_s": sum(steps) / sum(round_s), "peak_mb": max(r["peak_mb"] for r in runs[mode]),
-                     "checksum": runs[mode][0]["checksum"]})
+                     "checksum": runs[mode][0]["checksum"], "params_sha256": runs[mode][0]["params_sha256"]})
     plain = [r for r in rows if r["mode"].startswith("plain")]
     best = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
     for row in rows:
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.1f} at start; medians of interleaved repeats, ratios within this run")
     if "train" in parts:
         steps_per_s: dict[tuple[str, str], float] = {}
-        checksums: dict[tuple[str, str], float] = {}
+        final_sha: dict[tuple[str, str], str] = {}  # SHA-256 of the final parameters' bytes
         for model in args.models.split(","):
             rounds = args.cnn_rounds if model.startswith("cnn") else args.rounds
             rows = bench_train(model, rounds, args.repeats, args.alpha, args.modes.split(","))
@@ -427,14 +430,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['vs_plain']:.2f}", f"{r['checksum']:.4f}"] for r in rows],
             )
             steps_per_s.update({(model, r["mode"]): r["steps_per_s"] for r in rows})
-            checksums.update({(model, r["mode"]): r["checksum"] for r in rows})
+            final_sha.update({(model, r["mode"]): r["params_sha256"] for r in rows})
         pairs = [(m, m + "-maxpool2d") for m in args.models.split(",") if m + "-maxpool2d" in args.models.split(",")]
         for new, old in pairs:  # fedgma.pooling's gain: the same modes with nn.MaxPool2d
             _print_table(f"train: {new} (fedgma.pooling.MaxPool2x2) against {old} (nn.MaxPool2d), steps/s",
-                         ["mode", old, new, "× faster", "same checksum"],
+                         ["mode", old, new, "× faster", "same final params (bits)"],
                          [[mode, f"{steps_per_s[old, mode]:.0f}", f"{steps_per_s[new, mode]:.0f}",
                            f"{steps_per_s[new, mode] / steps_per_s[old, mode]:.2f}",
-                           "yes" if checksums[old, mode] == checksums[new, mode] else "NO"]
+                           "yes" if final_sha[old, mode] == final_sha[new, mode] else "NO"]
                           for mode in args.modes.split(",")])
     if "agg" in parts:
         result = _child("agg", k=args.k, d=args.d, threads=args.threads, repeats=args.repeats)
@@ -448,8 +451,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{result['extra_mb'][name] / result['d_mb']:.1f}"] for name, t in med.items()],
         )
     if "eval" in parts:
+        metrics = {}
         for model in args.models.split(","):
             result = _child("eval", model=model, repeats=args.repeats, alpha=args.alpha)
+            metrics[model] = result["metrics"]
             med = {name: statistics.median(t) for name, t in result["times"].items()}
             first = next(iter(med.values()))
             _print_table(
@@ -459,6 +464,10 @@ def main(argv: list[str] | None = None) -> None:
                 ["way", "seconds", "× one pass"],
                 [[name, f"{t:.3f}", f"{t / first:.2f}"] for name, t in med.items()],
             )
+        for model in args.models.split(","):
+            if model + "-maxpool2d" in metrics:
+                same = metrics[model] == metrics[model + "-maxpool2d"]
+                print(f"eval: {model} and {model}-maxpool2d give the same metrics (bits): {'yes' if same else 'NO'}")
     if "scale" in parts:
         result = _child("scale", population=args.population, per_round=args.per_round, rounds=args.scale_rounds,
                         store_limit_mb=args.store_limit_mb)

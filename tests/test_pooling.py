@@ -71,15 +71,71 @@ def test_an_input_smaller_than_a_window_raises_as_max_pool2d_does() -> None:
         MaxPool2x2()(x)
 
 
+def _pooled_tensors(monkeypatch) -> list[int]:
+    """Spy on F.max_pool2d: the data pointer of every tensor it pools (the fast path pools a copy)."""
+    calls: list[int] = []
+    original = torch.nn.functional.max_pool2d
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.data_ptr())
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "max_pool2d", spy)
+    return calls
+
+
 def test_the_fast_paths_are_taken_on_cpu(monkeypatch) -> None:
-    """The test above would pass if MaxPool2x2 always fell back to nn.MaxPool2d: check it does not."""
-    calls = []
-    monkeypatch.setattr(nn.MaxPool2d, "forward", lambda self, x: calls.append(x) or x)
+    """The tests above would pass if MaxPool2x2 always fell back to F.max_pool2d: check it does not."""
+    calls = _pooled_tensors(monkeypatch)
     x = torch.rand(2, 3, 4, 4)
     with torch.no_grad():
         assert MaxPool2x2()(x).shape == (2, 3, 2, 2)
     assert MaxPool2x2()(x.requires_grad_()).shape == (2, 3, 2, 2)
-    assert calls == []
+    assert len(calls) == 2 and x.data_ptr() not in calls
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "empty", "channels_last", "sliced", "3d"])
+def test_other_inputs_fall_back_to_max_pool2d(monkeypatch, case) -> None:
+    """Inputs the fast path was not checked on go to F.max_pool2d itself: same bits, layout and gradients."""
+    x = {"bfloat16": torch.rand(1, 16, 2, 2).bfloat16(), "float16": torch.rand(2, 3, 4, 4).half(),
+         "empty": torch.rand(0, 3, 8, 8), "channels_last": torch.rand(2, 3, 4, 4).to(memory_format=torch.channels_last),
+         "sliced": torch.rand(2, 3, 8, 8), "3d": torch.rand(3, 4, 4)}[case]
+    if case == "bfloat16":
+        x[:, :, 0, 0] = float("nan")  # PyTorch's vectorized channels-last bfloat16 kernel writes another NaN
+    calls = _pooled_tensors(monkeypatch)
+    results, pooled = [], []
+    for pool in (MaxPool2x2(), nn.MaxPool2d(2)):
+        leaf = x.clone().requires_grad_()
+        inputs = leaf[:, :, ::2] if case == "sliced" else leaf
+        pooled.append(inputs.data_ptr())
+        y = pool(inputs)
+        y.sum().backward()
+        results.append((y, leaf.grad))
+    (y, dx), (y_ref, dx_ref) = results
+    assert calls == pooled  # F.max_pool2d got the input itself, not a copy
+    assert _same_bits(y.detach(), y_ref.detach()) and y.stride() == y_ref.stride()
+    assert _same_bits(dx, dx_ref)
+
+
+def test_a_captured_input_under_vmap_falls_back() -> None:
+    """A torch.func transform is active but the pooled tensor is a plain leaf captured from outside."""
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out = [torch.func.vmap(lambda s, pool=pool: pool(x).sum() * s)(torch.arange(3.0))
+           for pool in (MaxPool2x2(), nn.MaxPool2d(2))]
+    assert _same_bits(out[0].detach(), out[1].detach())
+
+
+def test_forward_mode_derivative_is_max_pool2d() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    x = _inputs((2, 3, 6, 6), torch.float32, 4)
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    tangents = []
+    for pool in (MaxPool2x2(), nn.MaxPool2d(2)):
+        with fwAD.dual_level():
+            y = pool(fwAD.make_dual(x.clone().requires_grad_(), tangent))
+            tangents.append(fwAD.unpack_dual(y).tangent.clone())
+    assert _same_bits(tangents[0], tangents[1])
 
 
 def test_under_vmap_and_grad_it_is_max_pool2d() -> None:
