@@ -125,6 +125,7 @@ def test_a_captured_input_under_vmap_falls_back() -> None:
     assert _same_bits(out[0].detach(), out[1].detach())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward AD
 def test_forward_mode_derivative_is_max_pool2d() -> None:
     import torch.autograd.forward_ad as fwAD
 
