@@ -1,13 +1,13 @@
 """2×2 max pooling with PyTorch's exact results, faster on the CPU path the simulator runs.
 
 With one thread, ``F.max_pool2d`` on a channels-first CPU tensor visits every window element by
-element: in the FedAvg CNN (:func:`fedgma.models.cnn`) its forward pass took about a fifth of a training step (18-19%
-in two ``torch.profiler`` runs of a batch-32 step).
-:class:`MaxPool2x2` computes the same numbers with ``max_pool2d`` of a channels-last copy: a kernel
-vectorized over channels, with the same scan order and tie rule (the first maximum of the window in
-row-major order, so -0.0 before 0.0 gives -0.0; a NaN wins). With autograd, the backward pass writes
-``0 + grad`` at each window's argmax, as PyTorch's backward does (the windows do not overlap, so each
-input receives at most one gradient).
+element: in the FedAvg CNN (:func:`fedgma.models.cnn`) its forward pass took about a fifth of a
+training step (18-19% in two ``torch.profiler`` runs of a batch-32 step). :class:`MaxPool2x2` computes
+the same numbers with ``max_pool2d`` of a channels-last copy: a kernel vectorized over channels, with
+the same scan order and tie rule (the first maximum of the window in row-major order, so -0.0 before
+0.0 gives -0.0; a NaN wins). With autograd, the backward pass writes ``0 + grad`` at each window's
+argmax, as PyTorch's backward does (the windows do not overlap, so each input receives at most one
+gradient).
 
 Values and gradients are bit-identical to ``nn.MaxPool2d(2)`` (``tests/test_pooling.py``);
 rows and columns past the last full window are dropped, as ``nn.MaxPool2d(2)`` drops them. On other
@@ -70,8 +70,7 @@ class MaxPool2x2(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64)
                 or x.numel() == 0 or min(x.shape[-2:]) < 2 or not x.is_contiguous()
-                or torch._C._are_functorch_transforms_active()
-                or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+                or torch._C._are_functorch_transforms_active()):  # vmap, grad, ...: their tensors included
             return F.max_pool2d(x, 2)
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxPool2x2.apply(x)
