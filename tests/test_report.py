@@ -222,6 +222,25 @@ def test_tau_sweep_gets_its_own_plot(tmp_path: Path) -> None:
     assert [r["threshold"] for r in result["rows"]] == [0.0, 0.4, 0.8]
 
 
+def test_a_rewritten_report_drops_the_figures_it_no_longer_writes(tmp_path: Path) -> None:
+    """One setting, then two: the first report's mask figure (named after its only setting) is removed,
+    a file of another name in plots/ is kept."""
+    for seed in (0, 1):
+        for aggregator in ("mean", "gma"):
+            fake_run(tmp_path / "runs" / "a" / f"aggregator={aggregator}_seed{seed}", aggregator=aggregator,
+                     seed=seed, curve=[0.5, 0.6 + seed / 100])
+    out = tmp_path / "out"
+    first = {p.name for p in write_report(tmp_path / "runs" / "a", out)["figures"]}
+    (out / "plots" / "mine.png").write_bytes(b"kept")
+    for seed in (0, 1):
+        for aggregator in ("mean", "gma"):
+            fake_run(tmp_path / "runs" / "b" / f"aggregator={aggregator}_seed{seed}", aggregator=aggregator,
+                     seed=seed, curve=[0.7, 0.8 + seed / 100])
+    second = {p.name for p in write_report(tmp_path / "runs", out)["figures"]}
+    assert "mask_runs.png" in first and "mask_runs.png" not in second
+    assert {p.name for p in (out / "plots").iterdir()} == second | {"mine.png"}
+
+
 def test_out_of_distribution_accuracy_gets_a_gain_column_and_a_curve_row(tmp_path: Path) -> None:
     for seed, (ood_mean, ood_gma) in enumerate([(0.30, 0.35), (0.32, 0.36), (0.31, 0.38)]):
         fake_run(tmp_path / "rot" / f"aggregator=mean_seed{seed}", seed=seed, curve=[0.8, 0.9], ood=ood_mean)

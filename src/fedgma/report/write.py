@@ -59,6 +59,23 @@ def _slug(text: str) -> str:
     return "_".join(part for part in keep.split("_") if part) or "runs"
 
 
+#: The names of the figures :func:`write_report` writes in ``<out>/plots``: only these are ever removed there.
+_OWN_PLOTS = ("gain_map.png", "gains.png", "curves.png", "mask_*.png", "tau_*.png")
+
+
+def _remove_stale_plots(plots: Path, written: Sequence[Path]) -> None:
+    """Remove the figures an earlier report wrote to ``plots`` that this one did not write again.
+
+    A report rewritten into the same folder after its settings changed (a second partition, a τ sweep
+    dropped) would otherwise ship figures of runs it no longer describes. Files of other names are kept.
+    """
+    keep = {path.resolve() for path in written}
+    for pattern in _OWN_PLOTS:
+        for path in plots.glob(pattern):
+            if path.resolve() not in keep:
+                path.unlink()
+
+
 def write_report(
     roots: str | Path | Sequence[str | Path], out: str | Path | None = None, target_fraction: float = 0.95,
     target: float | None = None, fraction: float = LAST_FRACTION, title: str | None = None,
@@ -78,7 +95,8 @@ def write_report(
     ``unfinished``. ``title`` names the report in its heading and figures, on one line (each run of
     whitespace becomes a space); without one, or with a blank one, the heading has the folder as given and
     the figures its name; for several folders, the name of the deepest folder holding them all, with their
-    count.
+    count. Figures an earlier report left in ``out/plots`` and this one does not write again are removed
+    (only the report's own figure names: ``gain_map``, ``gains``, ``curves``, ``mask_*``, ``tau_*``).
 
     Returns ``{"rows", "gains", "out", "figures", "diverged", "incomplete", "runs", "swept", "lr_choices"}``.
 
@@ -158,6 +176,8 @@ def write_report(
         path = plots / f"tau_{_slug(family[0].setting)}_{family[0].algorithm}.png"
         figures.append((plot_tau(family, base, path, family[0].setting or title),
                         f"Accuracy versus GMA's threshold τ ({family[0].setting or 'all runs'})."))
+
+    _remove_stale_plots(plots, [path for path, _ in figures])
 
     counts = (f"{plural(len(runs), 'finished run')} in {plural(len(groups), 'configuration')}, "
               f"{len(diverged)} diverged, {sum(r['status'] == 'failed' for r in incomplete)} failed, "
