@@ -36,7 +36,6 @@ from fedgma.flower import (  # noqa: E402
     GMAFedProx,
     GMAFedYogi,
     InvalidReplyError,
-    aggregate_metrics,
     with_gma,
 )
 from fedgma.server_opt import make_server_optimizer  # noqa: E402
@@ -254,20 +253,6 @@ def test_a_failing_metrics_fn_is_a_warning_not_the_end_of_the_run(caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = strategy.aggregate_train(1, iter([reply(20, theta)]))
     assert arrays is not None and metrics is None and "KeyError" in caplog.text
-
-
-def test_aggregate_metrics_matches_flower_on_consistent_replies_and_leaves_out_ids_and_mixed_types():
-    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-
-    records = [RecordDict({"m": MetricRecord({"w": w, "a": a, "b": [a, 2 * a]})})
-               for w, a in ((0.25, 1.0), (0.4, 2), (0.35, 3.5))]
-    ours, flowers = aggregate_metrics(records, "w"), aggregate_metricrecords(records, "w")
-    assert sorted(ours) == sorted(flowers) == ["a", "b"]
-    assert ours["a"] == pytest.approx(flowers["a"], rel=1e-12)
-    assert ours["b"] == pytest.approx(flowers["b"], rel=1e-12)
-    mixed = [RecordDict({"m": MetricRecord({"w": 1, "x": [1.0], "client-id": 3, "y": 2.0})}),
-             RecordDict({"m": MetricRecord({"w": 1, "x": 2.0, "client-id": 4, "y": 4.0})})]
-    assert dict(aggregate_metrics(mixed, "w")) == {"y": 3.0}
 
 
 def test_from_config_takes_every_server_part():

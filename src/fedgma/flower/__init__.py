@@ -17,6 +17,8 @@ install. What is here:
   the ``FedGMA`` and ``SecureFedGMA`` strategies) and :mod:`fedgma.flower.client_app`, over
   :mod:`fedgma.flower.run_config` (the app's run config as a fedgma ``Config``, what the engine runs)
   and :mod:`fedgma.flower.records` (parameters as Flower records).
+* :mod:`fedgma.flower.metrics`: the check of a reply's weight and :func:`aggregate_metrics`, the
+  strategies' defensive weighted mean of client metrics.
 * :mod:`fedgma.flower.launch`: ``run_flower`` behind ``fedgma run --engine flower`` (a SuperLink of
   its own, then ``flwr run`` of the app).
 * :mod:`fedgma.flower.secure`: GMA under Flower's SecAgg+ (``SecureGMA``, the ClientApp's mod).
@@ -34,6 +36,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "fedgma.flower needs the Flower framework: pip install 'fedgma[flower]' (flwr==1.41.0)"
     ) from error
 
+from fedgma.flower.metrics import aggregate_metrics
 from fedgma.flower.strategy import (
     FedgmaStrategy,
     GMAFedAdagrad,
@@ -45,7 +48,6 @@ from fedgma.flower.strategy import (
     GMAMixin,
     InvalidReplyError,
     ReplyAggregator,
-    aggregate_metrics,
     with_gma,
 )
 

@@ -4,10 +4,14 @@
 parameter name (the Message API); :func:`params_to_arrays` / :func:`arrays_to_params` as the list of
 arrays of legacy Flower ``Parameters`` (SecAgg+'s workflow); the ``SCAFFOLD_*`` keys and
 ``flat_record`` / ``flat_of`` are how SCAFFOLD's control variates travel between the ServerApp
-(:mod:`fedgma.flower.server_app`) and the ClientApp (:mod:`fedgma.flower.client_app`).
+(:mod:`fedgma.flower.server_app`) and the ClientApp (:mod:`fedgma.flower.client_app`). :class:`Layout`
+maps any ArrayRecord (a model fedgma does not know, as :class:`fedgma.flower.strategy.FedgmaStrategy`
+receives it) to one flat vector and back, every array in its own dtype and shape.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +21,7 @@ from torch import Tensor
 from fedgma.models import FlatModel
 
 __all__ = [
+    "Layout",
     "SCAFFOLD_C",
     "SCAFFOLD_CI",
     "SCAFFOLD_COMMITTED",
@@ -98,3 +103,72 @@ def flat_of(record: ArrayRecord, numel: int) -> Tensor:
     if values.size != numel:
         raise ValueError(f"a SCAFFOLD control variate has {values.size} values, the model {numel}")
     return torch.from_numpy(values.copy())
+
+
+@dataclass
+class Layout:
+    """How a global ArrayRecord maps to one flat vector.
+
+    Attributes:
+        keys: every array name, in the record's order.
+        dtypes: numpy dtype of each array; shapes: its shape.
+        float_keys: the floating-point arrays (in the flat vector, in this order), with ``slices``.
+        int_keys: integer and boolean arrays (averaged plainly, outside the vector).
+        dtype: the flat vector's torch dtype: float64 if any array is float64, else float32.
+    """
+
+    keys: list[str]
+    dtypes: dict[str, np.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    float_keys: list[str]
+    int_keys: list[str]
+    slices: dict[str, slice] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, arrays: ArrayRecord) -> Layout:
+        """The layout of ``arrays``; ValueError for an empty record, an unsupported dtype or no float array."""
+        if len(arrays) == 0:
+            raise ValueError("the global ArrayRecord is empty: nothing to aggregate")
+        dtypes = {key: np.dtype(array.dtype) for key, array in arrays.items()}
+        shapes = {key: tuple(array.shape) for key, array in arrays.items()}
+        bad = {k: str(d) for k, d in dtypes.items() if d.kind not in "fiub"}
+        if bad:
+            raise ValueError(f"arrays of dtype {bad} are not supported (floating-point, integer or boolean only)")
+        float_keys = [k for k, d in dtypes.items() if d.kind == "f"]
+        if not float_keys:
+            raise ValueError("the global model has no floating-point array to aggregate")
+        slices, start = {}, 0
+        for key in float_keys:
+            size = int(np.prod(shapes[key], dtype=np.int64))
+            slices[key] = slice(start, start + size)
+            start += size
+        dtype = torch.float64 if any(dtypes[k].itemsize > 4 for k in float_keys) else torch.float32
+        return cls(list(arrays), dtypes, shapes, float_keys, [k for k in dtypes if k not in float_keys], slices, dtype)
+
+    @property
+    def numel(self) -> int:
+        return self.slices[self.float_keys[-1]].stop
+
+    def flatten(self, arrays: ArrayRecord) -> Tensor:
+        """The floating-point arrays as one flat vector of ``dtype`` (a copy)."""
+        return torch.cat([torch.from_numpy(np.array(arrays[k].numpy(), dtype=np.dtype(str(self.dtype)[6:]),
+                                                    copy=True)).reshape(-1) for k in self.float_keys])
+
+    def unflatten(self, flat: Tensor, integers: dict[str, np.ndarray]) -> ArrayRecord:
+        """An ArrayRecord with every array in its own dtype and shape, in the global record's order."""
+        arrays: dict[str, Array] = {}
+        for key in self.keys:
+            if key in self.slices:
+                values = flat[self.slices[key]].detach().cpu().numpy().astype(self.dtypes[key])
+                values = values.reshape(self.shapes[key])
+            else:
+                values = integers[key]
+            arrays[key] = Array(np.array(values, order="C", copy=True))  # (ascontiguousarray makes 0-d arrays 1-d)
+        return ArrayRecord(arrays)
+
+    def narrow_limits(self) -> list[tuple[slice, float]]:
+        """(slice, largest finite value) of each array narrower than the flat vector (float16 in float32)."""
+        width = torch.finfo(self.dtype).bits
+        return [(self.slices[k], float(np.finfo(self.dtypes[k]).max)) for k in self.float_keys
+                if np.finfo(self.dtypes[k]).bits < width]

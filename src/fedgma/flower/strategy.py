@@ -38,14 +38,13 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -53,6 +52,7 @@ from torch import Tensor
 
 from fedgma.aggregation import make_aggregator
 from fedgma.client import ClientResult, LocalSGD, PlainClient
+from fedgma.flower.metrics import MAX_WEIGHT, aggregate_metrics, call_metrics_fn, is_finite_number, weight_problem
 from fedgma.flower.mixin import (
     LOST_REPLY_CODES,
     GMAMixin,
@@ -63,6 +63,7 @@ from fedgma.flower.mixin import (
     _node,
     with_gma,
 )
+from fedgma.flower.records import Layout
 from fedgma.round import BadUpdateError, ReplyPolicy, ServerState, run_round
 from fedgma.server_opt import make_server_optimizer
 
@@ -83,161 +84,7 @@ __all__ = [
     "with_gma",
 ]
 
-MAX_WEIGHT = 1e15  # a reply's weight (sample count) above this is refused
 _HEADROOM = 2.0**24  # a weighted update must stay below finfo.max / _HEADROOM: 16M replies cannot overflow a sum
-ID_KEYS = ("-id", "_id")  # metric names ending so are identifiers, never averaged
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _weight_problem(value: Any, key: str) -> str | None:
-    if not _is_number(value):
-        return f"weight {key!r} must be one finite number, got {value!r}"
-    if not 0 < value <= MAX_WEIGHT:
-        return f"weight {key!r} must be in (0, {MAX_WEIGHT:g}], got {value!r}"
-    return None
-
-
-def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Weighted mean of the replies' metrics, Flower's ``aggregate_metricrecords`` made defensive.
-
-    Args:
-        records: the replies' contents, each with one MetricRecord holding ``weighted_by_key`` (a
-            number > 0; replies without a usable weight are ignored).
-        weighted_by_key: the metric that weights each reply (e.g. ``"num-examples"``); left out.
-
-    Returns:
-        A MetricRecord: for each metric that is a finite number in every reply holding it, the
-        weighted mean over those replies (a float); for a list of finite numbers of one length in
-        every reply, the element-wise weighted mean. Identifiers (names ending in ``-id`` /
-        ``_id``) and metrics whose types or lengths differ between replies (or hold NaN) are left
-        out, the latter with a warning. Never raises on what clients send.
-    """
-    weighted: list[tuple[MetricRecord, float]] = []
-    for record in records:
-        metric_records = list(record.metric_records.values())
-        if len(metric_records) != 1:
-            continue
-        weight = metric_records[0].get(weighted_by_key)
-        if _weight_problem(weight, weighted_by_key) is None:
-            weighted.append((metric_records[0], float(weight)))
-    keys: list[str] = []
-    for metrics, _ in weighted:
-        keys.extend(k for k in metrics if k not in keys and k != weighted_by_key and not k.endswith(ID_KEYS))
-    result = MetricRecord()
-    for key in keys:
-        pairs = [(metrics[key], w) for metrics, w in weighted if key in metrics]
-        total = sum(w for _, w in pairs)
-        values = [v for v, _ in pairs]
-        if all(_is_number(v) for v in values):
-            result[key] = float(sum(v * (w / total) for v, w in pairs))
-        elif (all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1
-              and all(_is_number(x) for v in values for x in v)):
-            result[key] = [float(sum(v[i] * (w / total) for v, w in pairs)) for i in range(len(values[0]))]
-        else:
-            kinds = sorted({type(v).__name__ for v in values})
-            log(WARNING, "fedgma: metric %r left out of the aggregate: its values differ in type or length, or are "
-                "not finite (%s)", key, ", ".join(kinds))
-    return result
-
-
-def _call_metrics_fn(fn: Callable[[list[RecordDict], str], MetricRecord], records: list[RecordDict],
-                     weighted_by_key: str, what: str) -> MetricRecord | None:
-    """A user's metric function, called as Flower calls it; its failure is a warning, not the run's end."""
-    if not records:
-        return None
-    try:
-        metrics = fn(records, weighted_by_key)
-    except Exception as error:  # noqa: BLE001  (any failure of user code on client data)
-        log(WARNING, "fedgma: %s metrics not aggregated: %s raised %s: %s", what,
-            getattr(fn, "__name__", fn), type(error).__name__, error)
-        return None
-    if metrics is not None and not isinstance(metrics, MetricRecord):
-        log(WARNING, "fedgma: %s metrics not aggregated: the function returned a %s, not a MetricRecord",
-            what, type(metrics).__name__)
-        return None
-    return metrics
-
-
-# --------------------------------------------------------------------------------------------
-# The model's arrays as one flat vector
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Layout:
-    """How a global ArrayRecord maps to one flat vector.
-
-    Attributes:
-        keys: every array name, in the record's order.
-        dtypes: numpy dtype of each array; shapes: its shape.
-        float_keys: the floating-point arrays (in the flat vector, in this order), with ``slices``.
-        int_keys: integer and boolean arrays (averaged plainly, outside the vector).
-        dtype: the flat vector's torch dtype: float64 if any array is float64, else float32.
-    """
-
-    keys: list[str]
-    dtypes: dict[str, np.dtype]
-    shapes: dict[str, tuple[int, ...]]
-    float_keys: list[str]
-    int_keys: list[str]
-    slices: dict[str, slice] = field(default_factory=dict)
-    dtype: torch.dtype = torch.float32
-
-    @classmethod
-    def of(cls, arrays: ArrayRecord) -> Layout:
-        """The layout of ``arrays``; ValueError for an empty record, an unsupported dtype or no float array."""
-        if len(arrays) == 0:
-            raise ValueError("the global ArrayRecord is empty: nothing to aggregate")
-        dtypes = {key: np.dtype(array.dtype) for key, array in arrays.items()}
-        shapes = {key: tuple(array.shape) for key, array in arrays.items()}
-        bad = {k: str(d) for k, d in dtypes.items() if d.kind not in "fiub"}
-        if bad:
-            raise ValueError(f"arrays of dtype {bad} are not supported (floating-point, integer or boolean only)")
-        float_keys = [k for k, d in dtypes.items() if d.kind == "f"]
-        if not float_keys:
-            raise ValueError("the global model has no floating-point array to aggregate")
-        slices, start = {}, 0
-        for key in float_keys:
-            size = int(np.prod(shapes[key], dtype=np.int64))
-            slices[key] = slice(start, start + size)
-            start += size
-        dtype = torch.float64 if any(dtypes[k].itemsize > 4 for k in float_keys) else torch.float32
-        return cls(list(arrays), dtypes, shapes, float_keys, [k for k in dtypes if k not in float_keys], slices, dtype)
-
-    @property
-    def numel(self) -> int:
-        return self.slices[self.float_keys[-1]].stop
-
-    def flatten(self, arrays: ArrayRecord) -> Tensor:
-        """The floating-point arrays as one flat vector of ``dtype`` (a copy)."""
-        return torch.cat([torch.from_numpy(np.array(arrays[k].numpy(), dtype=np.dtype(str(self.dtype)[6:]),
-                                                    copy=True)).reshape(-1) for k in self.float_keys])
-
-    def unflatten(self, flat: Tensor, integers: dict[str, np.ndarray]) -> ArrayRecord:
-        """An ArrayRecord with every array in its own dtype and shape, in the global record's order."""
-        arrays: dict[str, Array] = {}
-        for key in self.keys:
-            if key in self.slices:
-                values = flat[self.slices[key]].detach().cpu().numpy().astype(self.dtypes[key])
-                values = values.reshape(self.shapes[key])
-            else:
-                values = integers[key]
-            arrays[key] = Array(np.array(values, order="C", copy=True))  # (ascontiguousarray makes 0-d arrays 1-d)
-        return ArrayRecord(arrays)
-
-    def narrow_limits(self) -> list[tuple[slice, float]]:
-        """(slice, largest finite value) of each array narrower than the flat vector (float16 in float32)."""
-        width = torch.finfo(self.dtype).bits
-        return [(self.slices[k], float(np.finfo(self.dtypes[k]).max)) for k in self.float_keys
-                if np.finfo(self.dtypes[k]).bits < width]
 
 
 class _FitsDtypes:
@@ -324,7 +171,7 @@ class FedgmaStrategy(FedAvg):
         if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
             raise ValueError(f"min_replies must be an integer ≥ 1, got {min_replies!r}")
         for name, value in (("clip_norm", clip_norm), ("max_update_norm", max_update_norm)):
-            if value is not None and not (_is_number(value) and value > 0):
+            if value is not None and not (is_finite_number(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
         _check_pull_intervals(pull_interval, max_pull_interval)
         self.aggregator = aggregator
@@ -426,14 +273,14 @@ class FedgmaStrategy(FedAvg):
             raise InvalidReplyError(f"expected exactly one MetricRecord, found {len(metric_records)}")
         metrics = next(iter(metric_records.values()))
         weight = metrics.get(self.weighted_by_key)
-        problem = _weight_problem(weight, self.weighted_by_key)
+        problem = weight_problem(weight, self.weighted_by_key)
         if problem:
             raise InvalidReplyError(problem)
         num_steps = metrics.get("num-steps", 0)
-        if not _is_number(num_steps) or num_steps < 0 or num_steps != int(num_steps):
+        if not is_finite_number(num_steps) or num_steps < 0 or num_steps != int(num_steps):
             raise InvalidReplyError(f"num-steps must be a finite integer ≥ 0, got {num_steps!r}")
         train_loss = metrics.get("train_loss", 0.0)
-        if not _is_number(train_loss):
+        if not is_finite_number(train_loss):
             raise InvalidReplyError(f"train_loss must be a finite number, got {train_loss!r}")
         arrays = next(iter(array_records.values()))
         missing, extra = sorted(set(layout.keys) - set(arrays)), sorted(set(arrays) - set(layout.keys))
@@ -554,7 +401,7 @@ class FedgmaStrategy(FedAvg):
         integers = self._integers(layout, outcome.accepted)
         self.current_arrays = layout.unflatten(self.state.params, integers)
         records = [kept[r.client_id] for r in outcome.accepted]
-        metrics = _call_metrics_fn(self.train_metrics_aggr_fn, records, self.weighted_by_key, "train")
+        metrics = call_metrics_fn(self.train_metrics_aggr_fn, records, self.weighted_by_key, "train")
         if metrics is not None:
             counts = {"num_clients": len(outcome.accepted), "num_dropped": len(self.last_round["dropped"]),
                       "num_lost": len(self.last_round["lost"])}
@@ -588,7 +435,7 @@ class FedgmaStrategy(FedAvg):
                 metric_records = list(content.metric_records.values())
                 if len(metric_records) != 1:
                     raise InvalidReplyError(f"expected exactly one MetricRecord, found {len(metric_records)}")
-                problem = _weight_problem(metric_records[0].get(self.weighted_by_key), self.weighted_by_key)
+                problem = weight_problem(metric_records[0].get(self.weighted_by_key), self.weighted_by_key)
                 if problem:
                     raise InvalidReplyError(problem)
             except Exception as error:  # noqa: BLE001  (whatever a client sent)
@@ -596,7 +443,7 @@ class FedgmaStrategy(FedAvg):
                     error)
                 continue
             contents.append(content)
-        return _call_metrics_fn(self.evaluate_metrics_aggr_fn, contents, self.weighted_by_key, "evaluate")
+        return call_metrics_fn(self.evaluate_metrics_aggr_fn, contents, self.weighted_by_key, "evaluate")
 
 
 # --------------------------------------------------------------------------------------------
