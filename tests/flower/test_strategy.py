@@ -222,8 +222,12 @@ def test_too_few_valid_replies_leave_the_model_unchanged():
     list(strategy.configure_train(1, record(theta), ConfigRecord(), FakeGrid()))
     assert strategy.aggregate_train(1, [reply(1, theta), reply(2, theta, error="node gone")]) == (None, None)
     assert strategy.aggregate_train(1, []) == (None, None)
-    with pytest.raises(ValueError, match="min_replies"):
-        GMAFedAvg(min_replies=0)
+    for bad in (0, 1.5, True):  # with_gma's check is FedgmaStrategy's (GMAFedAvg's): an integer ≥ 1
+        for make in (GMAFedAvg, with_gma(FedAvg)):
+            with pytest.raises(ValueError, match=f"min_replies must be an integer ≥ 1, got {bad!r}"):
+                make(min_replies=bad)
+    with pytest.raises(ValueError, match="on_invalid"):
+        with_gma(FedAvg)(on_invalid="ignore")
     with pytest.raises(ValueError, match="on_invalid"):
         GMAFedAvg(on_invalid="ignore")
     with pytest.raises(ValueError, match="threshold"):

@@ -308,6 +308,15 @@ class ReplyAggregator:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_reply_options(on_invalid: str, min_replies: int, pull_interval: float, max_pull_interval: float) -> None:
+    """Options every fedgma Flower strategy shares (with_gma's, FedgmaStrategy's); ValueError naming a bad one."""
+    if on_invalid not in ("drop", "fail"):
+        raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
+    if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
+        raise ValueError(f"min_replies must be an integer ≥ 1, got {min_replies!r}")
+    _check_pull_intervals(pull_interval, max_pull_interval)
+
+
 def _check_pull_intervals(pull_interval: float, max_pull_interval: float) -> None:
     if not 0 < pull_interval <= max_pull_interval:
         raise ValueError(f"need 0 < pull_interval ≤ max_pull_interval, got {pull_interval} and {max_pull_interval}")
@@ -428,11 +437,7 @@ class GMAMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if on_invalid not in ("drop", "fail"):
-            raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
-        if min_replies < 1:
-            raise ValueError(f"min_replies must be ≥ 1, got {min_replies}")
-        _check_pull_intervals(pull_interval, max_pull_interval)
+        _check_reply_options(on_invalid, min_replies, pull_interval, max_pull_interval)
         gma_options = {"threshold": threshold, "hard": hard, "weighted_agreement": weighted_agreement}
         options = {**(gma_options if aggregator == "gma" else {}), **(aggregator_options or {})}
         make_aggregator(aggregator, **options)  # fail now on a bad name or option

@@ -59,7 +59,7 @@ from fedgma.flower.mixin import (
     InvalidReplyError,
     ReplyAggregator,
     StreamingGrid,
-    _check_pull_intervals,
+    _check_reply_options,
     _node,
     with_gma,
 )
@@ -166,14 +166,10 @@ class FedgmaStrategy(FedAvg):
         flower_options.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         flower_options.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(**flower_options)
-        if on_invalid not in ("drop", "fail"):
-            raise ValueError(f"on_invalid must be 'drop' or 'fail', got {on_invalid!r}")
-        if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
-            raise ValueError(f"min_replies must be an integer ≥ 1, got {min_replies!r}")
+        _check_reply_options(on_invalid, min_replies, pull_interval, max_pull_interval)
         for name, value in (("clip_norm", clip_norm), ("max_update_norm", max_update_norm)):
             if value is not None and not (is_finite_number(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
-        _check_pull_intervals(pull_interval, max_pull_interval)
         self.aggregator = aggregator
         self.aggregator_options = dict(aggregator_options or {})
         self.optimizer = optimizer
