@@ -214,20 +214,33 @@ def status(out: Path, suite: dict[str, Any], studies: list[str]) -> list[dict[st
     return rows
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def print_status(rows: list[dict[str, Any]]) -> None:
-    """The table of :func:`status`, and the runs left with a rough wall-time estimate (median finished run)."""
+    """The table of :func:`status`, and the runs left with a rough wall-time estimate: each method's runs left at
+    the median wall of its finished runs (of its point's, where it has none yet; of the stage's, where neither has).
+    Methods differ: a SCAFFOLD run of the CNN study takes longer than a FedAvg one."""
     print(f"{'point / method':<75} {'coarse lr':>9} {'tuning':>7} {'evaluation':>10}  done")
     for r in rows:
         lr = "—" if r["coarse_lr"] is None else f"{r['coarse_lr']:g}"
         print(f"{r['key']:<75} {lr:>9} {r['tuning_runs']:>3}/{r['tuning_planned']:<3} "
               f"{r['evaluation_runs']:>5}/{r['evaluation_planned']:<4}  {'yes' if r['done'] else 'no'}")
-    left = sum(r["tuning_planned"] - r["tuning_runs"] + r["evaluation_planned"] - r["evaluation_runs"]
-               for r in rows if not r["done"])
-    walls = sorted(w for r in rows for w in r["wall_s"])
-    estimate = f", ≈ {left * walls[len(walls) // 2] / 3600:.1f} h of wall at the median finished run's " \
-               f"{walls[len(walls) // 2] / 60:.1f} min" if walls and left else ""
+    stage = [w for r in rows for w in r["wall_s"]]
+
+    def wall(row: dict[str, Any]) -> float:
+        point = [w for r in rows if r["key"].rsplit("/", 1)[0] == row["key"].rsplit("/", 1)[0] for w in r["wall_s"]]
+        return _median(row["wall_s"] or point or stage)
+
+    runs_left = {r["key"]: r["tuning_planned"] - r["tuning_runs"] + r["evaluation_planned"] - r["evaluation_runs"]
+                 for r in rows if not r["done"]}
+    left = sum(runs_left.values())
+    estimate = (f", ≈ {sum(n * wall(r) for r in rows if (n := runs_left.get(r['key'], 0))) / 3600:.1f} h of wall "
+                "at each method's median finished run" if stage and left else "")
     print(f"full stage: {sum(r['done'] for r in rows)} of {len(rows)} points and methods done; "
-          f"about {left} runs left{estimate} (resumed runs report only their last part's wall time)")
+          f"at least {left} runs left (more where a grid widens){estimate}; resumed runs report only their last "
+          "part's wall time")
 
 
 def report(out: Path, to: Path) -> int:

@@ -96,5 +96,10 @@ def test_status_counts_each_points_finished_runs_against_the_plan(tmp_path, caps
     assert [(r["key"], r["coarse_lr"], r["tuning_runs"], r["tuning_planned"], r["evaluation_runs"],
              r["evaluation_planned"], r["done"]) for r in rows] == [
         ("s/local_epochs=5/mean", 2.0, 2, 6, 1, 5, False), ("s/local_epochs=5/gma", None, 0, 6, 0, 5, False)]
-    science.print_status(rows)
-    assert "about 19 runs left, ≈ 0.6 h of wall at the median finished run's 2.0 min" in capsys.readouterr().out
+    science.print_status(rows)  # gma has no finished run: its 11 runs at its point's median (mean's 120 s)
+    assert "at least 19 runs left (more where a grid widens), ≈ 0.6 h of wall at each method's median" \
+        in capsys.readouterr().out
+    (base / "gma" / "tuning" / "lr=2.0_seed100").mkdir(parents=True)
+    (base / "gma" / "tuning" / "lr=2.0_seed100" / "summary.json").write_text(json.dumps({"wall_s": 600.0}))
+    science.print_status(science.status(tmp_path, suite, ["s"]))  # 8 × 120 s + 10 × 600 s = 1.93 h
+    assert "at least 18 runs left (more where a grid widens), ≈ 1.9 h of wall" in capsys.readouterr().out
