@@ -40,6 +40,7 @@ import json
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -214,10 +215,6 @@ def status(out: Path, suite: dict[str, Any], studies: list[str]) -> list[dict[st
     return rows
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def print_status(rows: list[dict[str, Any]]) -> None:
     """The table of :func:`status`, and the runs left with a rough wall-time estimate: each method's runs left at
     the median wall of its finished runs (of its point's, where it has none yet; of the stage's, where neither has).
@@ -231,7 +228,7 @@ def print_status(rows: list[dict[str, Any]]) -> None:
 
     def wall(row: dict[str, Any]) -> float:
         point = [w for r in rows if r["key"].rsplit("/", 1)[0] == row["key"].rsplit("/", 1)[0] for w in r["wall_s"]]
-        return _median(row["wall_s"] or point or stage)
+        return statistics.median_high(row["wall_s"] or point or stage)
 
     runs_left = {r["key"]: r["tuning_planned"] - r["tuning_runs"] + r["evaluation_planned"] - r["evaluation_runs"]
                  for r in rows if not r["done"]}
