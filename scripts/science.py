@@ -235,9 +235,12 @@ def print_status(rows: list[dict[str, Any]]) -> None:
     left = sum(runs_left.values())
     estimate = (f", ≈ {sum(n * wall(r) for r in rows if (n := runs_left.get(r['key'], 0))) / 3600:.1f} h of wall "
                 "at each method's median finished run" if stage and left else "")
-    print(f"full stage: {sum(r['done'] for r in rows)} of {len(rows)} points and methods done; "
-          f"at least {left} runs left (more where a grid widens){estimate}; resumed runs report only their last "
-          "part's wall time")
+    done = f"full stage: {sum(r['done'] for r in rows)} of {len(rows)} points and methods done"
+    if not left:
+        print(f"{done}; no run left")
+        return
+    print(f"{done}; at least {left} run{'s' if left > 1 else ''} left (more where a grid widens){estimate}; "
+          "resumed runs report only their last part's wall time")
 
 
 def report(out: Path, to: Path) -> int:

@@ -103,3 +103,7 @@ def test_status_counts_each_points_finished_runs_against_the_plan(tmp_path, caps
     (base / "gma" / "tuning" / "lr=2.0_seed100" / "summary.json").write_text(json.dumps({"wall_s": 600.0}))
     science.print_status(science.status(tmp_path, suite, ["s"]))  # 8 × 120 s + 10 × 600 s = 1.93 h
     assert "at least 18 runs left (more where a grid widens), ≈ 1.9 h of wall" in capsys.readouterr().out
+    science.print_status([dict(rows[0], done=True, tuning_runs=6, evaluation_runs=5)])
+    assert capsys.readouterr().out.endswith("full stage: 1 of 1 points and methods done; no run left\n")
+    science.print_status([dict(rows[0], tuning_runs=6, evaluation_runs=4)])
+    assert "at least 1 run left (more" in capsys.readouterr().out
