@@ -230,15 +230,15 @@ def print_status(rows: list[dict[str, Any]]) -> None:
         point = [w for r in rows if r["key"].rsplit("/", 1)[0] == row["key"].rsplit("/", 1)[0] for w in r["wall_s"]]
         return statistics.median_high(row["wall_s"] or point or stage)
 
-    runs_left = {r["key"]: r["tuning_planned"] - r["tuning_runs"] + r["evaluation_planned"] - r["evaluation_runs"]
-                 for r in rows if not r["done"]}
-    left = sum(runs_left.values())
-    estimate = (f", ≈ {sum(n * wall(r) for r in rows if (n := runs_left.get(r['key'], 0))) / 3600:.1f} h of wall "
-                "at each method's median finished run" if stage and left else "")
+    pending = [(r, r["tuning_planned"] - r["tuning_runs"] + r["evaluation_planned"] - r["evaluation_runs"])
+               for r in rows if not r["done"]]
+    left = sum(n for _, n in pending)
     done = f"full stage: {sum(r['done'] for r in rows)} of {len(rows)} points and methods done"
     if not left:
         print(f"{done}; no run left")
         return
+    estimate = (f", ≈ {sum(n * wall(r) for r, n in pending if n) / 3600:.1f} h of wall at each method's median "
+                "finished run" if stage else "")
     print(f"{done}; at least {left} run{'s' if left > 1 else ''} left (more where a grid widens){estimate}; "
           "resumed runs report only their last part's wall time")
 
